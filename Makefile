@@ -1,0 +1,95 @@
+# Communication-efficient data-parallel CNN training: build, test, benchmark.
+#
+#   make              virtualenv + pinned dependencies + MPICH wheel + Cython build
+#   make run          the main job (2 ranks) on the embedded default
+#   make test         serial tests, then MPI tests under 1, 2, 3 and 4 ranks
+#   make test-N       MPI tests under N ranks only (N = 1..4)
+#   make check        a tiny smoke benchmark
+#   make bench        the benchmark suite; results go to bench/results/
+#   make lint         ruff + cython-lint
+#   make clean
+#
+# A system MPI (clusters): make MPICC=/path/to/mpicc
+#   mpi4py is then compiled against that MPI too, and mpiexec is taken from the
+#   same directory as mpicc (override with MPIEXEC=...).
+
+SHELL := /bin/bash
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PYTHON ?= python3
+
+ifdef MPICC
+SYSTEM_MPI := 1
+MPIEXEC ?= $(dir $(MPICC))mpiexec
+else
+MPICC := $(BIN)/mpicc
+MPIEXEC ?= $(BIN)/mpiexec
+endif
+
+STAMP := $(VENV)/.deps-stamp
+EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi ext/*.h)
+EXT_SO := $(wildcard ext/_progress*.so)
+
+# Tests run oversubscribed on small machines; numba and BLAS get one thread
+# per rank unless the caller says otherwise.
+export OMP_NUM_THREADS ?= 1
+export NUMBA_NUM_THREADS ?= 2
+export PYTHONDONTWRITEBYTECODE := 1
+MPI_TEST_ENV := NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+PYTEST_MPI := -m pytest tests/mpi -q -x -p no:cacheprovider --timeout=600
+
+.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench lint clean
+
+all: build
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(VENV)/bin/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+ifndef SYSTEM_MPI
+	$(BIN)/pip install -q mpich==5.0.2
+endif
+	env MPICC=$(MPICC) $(BIN)/pip install -q --no-binary mpi4py --no-build-isolation mpi4py==4.1.2
+	touch $@
+
+deps: $(STAMP)
+
+build: $(STAMP) ext/.built
+
+ext/.built: $(STAMP) setup.py $(EXT_SRC)
+	env CC=$(MPICC) MPICC=$(MPICC) $(PY) setup.py -q build_ext --inplace
+	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/overlap_cnn.pth', 'w').write(sys.argv[1] + '\n')" $(CURDIR)
+	touch $@
+
+run: build
+	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --quick
+
+test: test-serial test-1 test-2 test-3 test-4
+
+test-serial: build
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/mpi --timeout=900
+
+test-1 test-2 test-3 test-4: test-%: build
+	env $(MPI_TEST_ENV) $(MPIEXEC) -n $* $(PY) $(PYTEST_MPI)
+
+check: build
+	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --quick --sizes 1MiB
+
+bench: build
+	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --json-out bench/results/overlap_loopback.json
+
+lint: build
+	$(BIN)/ruff check engine cnn bench tests setup.py
+	$(BIN)/cython-lint ext/*.pyx ext/*.pxd ext/*.pxi
+
+clean:
+	rm -rf build ext/*.c ext/*.so ext/.built .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,410 @@
+"""The gradient exchanger: non-blocking collectives driven by a progress thread.
+
+Enqueue -> progress -> complete, with explicit handles::
+
+    with Exchanger(chunk_bytes=1 << 20) as ex:
+        h = ex.allreduce_async(grad, op="mean", priority=layer_index)
+        ...                    # compute; the C thread posts and tests chunks
+        h.wait()               # grad now holds the mean over all ranks
+
+The C side (ext/_progress.pyx) owns every MPI call of the engine. This module
+checks arguments before anything is posted, keeps every buffer alive until
+MPI is done with it, and turns C-level failures into Python exceptions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+from ext import _progress
+
+__all__ = ["Exchanger", "Handle", "ExchangeError", "partition"]
+
+_STATE_QUEUED, _STATE_AGREED, _STATE_DONE, _STATE_FAILED = range(4)
+_KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2}
+_OPS = ("mean", "sum")
+_INT_MAX = 2**31 - 1
+
+# Requests abandoned by close() while MPI still owned their buffers: kept
+# alive for the life of the process so MPI never writes into freed memory.
+_ABANDONED: list = []
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+class ExchangeError(RuntimeError):
+    """A collective failed inside the progress thread (carries MPI's error string)."""
+
+
+def partition(n: int, size: int) -> list[tuple[int, int]]:
+    """Split n elements into `size` contiguous slices, the first ones one longer.
+
+    With n = q*size + r, ranks 0..r-1 own q+1 elements and the others q: the
+    layout of MPI_Reduce_scatter / MPI_Allgatherv used by the multi-step
+    algorithm.
+
+    Returns
+    -------
+    list of (offset, count), one per rank.
+    """
+    if n < 0 or size < 1:
+        raise ValueError(f"partition needs n >= 0 and size >= 1, got n={n}, size={size}")
+    q, r = divmod(n, size)
+    out, offset = [], 0
+    for rank in range(size):
+        count = q + 1 if rank < r else q
+        out.append((offset, count))
+        offset += count
+    return out
+
+
+def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int) -> int:
+    """A hash every rank computes alike for the same collective (checked across ranks)."""
+    text = f"{kind}:{count}:{dtype.str}:{op}:{priority}".encode()
+    return (zlib.crc32(text) << 20) ^ (count & 0xFFFFF)
+
+
+def _check_array(name: str, a, *, writable: bool) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (got strides {a.strides}); "
+                         "pass np.ascontiguousarray(...) and copy the result back")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; the collective writes its result into it")
+    return a
+
+
+def _address_range(a: np.ndarray) -> tuple[int, int]:
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+class Handle:
+    """One posted collective: `test()`, `wait(timeout)`, `done`.
+
+    The handle keeps the arrays it was posted with; the exchanger keeps them
+    too until the progress thread has finished with them, so dropping a handle
+    early is safe.
+    """
+
+    __slots__ = ("_request", "_exchanger", "_checked")
+
+    def __init__(self, request, exchanger: Exchanger):
+        self._request = request
+        self._exchanger = exchanger
+        self._checked = False
+
+    @property
+    def done(self) -> bool:
+        """True once the collective finished (successfully or not)."""
+        return self._request.finished()
+
+    def test(self) -> bool:
+        """Non-blocking check; raises ExchangeError if the collective failed."""
+        if not self._request.finished():
+            return False
+        self._raise_if_failed()
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until complete, releasing the GIL while waiting.
+
+        Raises
+        ------
+        TimeoutError
+            after `timeout` seconds, naming what is still pending (for example a
+            peer rank that never posted the matching collective).
+        ExchangeError
+            if MPI reported an error for this collective.
+        """
+        if not self._request.wait(timeout):
+            raise TimeoutError(self._pending_message(timeout))
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._request.failed():
+            raise ExchangeError(f"{self._request.description}: {self._request.error_message()}")
+        if not self._checked:
+            self._checked = True
+            self._exchanger._forget(self._request)
+
+    def _pending_message(self, timeout) -> str:
+        state, done, inflight, posted, total = self._request.progress()
+        where = ("not yet enqueued by every rank (a peer has not posted the matching "
+                 "collective)" if state == _STATE_QUEUED else
+                 f"chunks {done}/{total} complete, {inflight} in flight, "
+                 f"{total - posted} not yet posted")
+        return (f"timed out after {timeout} s waiting for {self._request.description}: {where}; "
+                f"{self._exchanger._pending_summary()}")
+
+    def __repr__(self) -> str:
+        return f"<Handle {self._request.description} done={self.done}>"
+
+
+class Exchanger:
+    """Non-blocking allreduce / reduce-scatter / allgather through a progress thread.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, optional
+        Defaults to MPI.COMM_WORLD. The exchanger works on a duplicate, so its
+        collectives never interfere with the caller's own.
+    chunk_bytes : int
+        Allreduce buffers are split into chunks of at most this many bytes,
+        one MPI_Iallreduce each, so that small urgent requests can overtake a
+        large one between chunks.
+    max_inflight : int
+        Most MPI requests outstanding at once (a credit, as in ByteScheduler):
+        few enough that priorities still matter, enough to keep the link busy.
+    poll_us : int
+        Sleep between two polls of MPI while requests are in flight (the
+        thread's backoff, like Horovod's cycle time).
+    pin_cpu : int or None
+        Pin the progress thread to this core (PCNN pins its thread); off by default.
+    trace : bool
+        Record every chunk's post and completion time (see `drain_trace`).
+    close_timeout : float
+        How long `close()` lets pending requests finish before failing them.
+    """
+
+    def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
+                 poll_us: int = 50, pin_cpu: int | None = None, trace: bool = False,
+                 close_timeout: float = 30.0):
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError(
+                "MPI was initialised below MPI_THREAD_MULTIPLE "
+                f"(level {MPI.Query_thread()}); the Exchanger's progress thread calls MPI "
+                "while Python does too. Import mpi4py.MPI with its default "
+                "(mpi4py.rc.thread_level = 'multiple') and use an MPI built with thread support.")
+        if int(chunk_bytes) < 8:
+            raise ValueError(f"chunk_bytes must be at least 8, got {chunk_bytes}")
+        if int(chunk_bytes) // 4 > _INT_MAX:
+            raise ValueError(f"chunk_bytes {chunk_bytes} exceeds MPI's int element count")
+        if not 1 <= int(max_inflight) <= 256:
+            raise ValueError(f"max_inflight must be in [1, 256], got {max_inflight}")
+        if int(poll_us) < 0:
+            raise ValueError(f"poll_us must be >= 0, got {poll_us}")
+        base = MPI.COMM_WORLD if comm is None else comm
+        if not isinstance(base, MPI.Intracomm):
+            raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
+        self._comm = base.Dup()
+        self._comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.size = self._comm.Get_size()
+        self.rank = self._comm.Get_rank()
+        self.chunk_bytes = int(chunk_bytes)
+        self.max_inflight = int(max_inflight)
+        self.poll_us = int(poll_us)
+        self.close_timeout = float(close_timeout)
+        self._partition_cache: dict[int, list[tuple[int, int]]] = {}
+        self._pending: dict[int, object] = {}       # seq -> C request (keeps buffers alive)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
+                                        self.poll_us, -1 if pin_cpu is None else int(pin_cpu),
+                                        bool(trace))
+        _LIVE.add(self)
+
+    # -- context manager ------------------------------------------------------
+    def __enter__(self) -> Exchanger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- public API -------------------------------------------------------------
+    def partition(self, n: int) -> list[tuple[int, int]]:
+        """`engine.partition(n, self.size)`, cached."""
+        p = self._partition_cache.get(n)
+        if p is None:
+            p = self._partition_cache[n] = partition(n, self.size)
+        return p
+
+    def allreduce_async(self, array: np.ndarray, *, op: str = "mean", priority: int = 0) -> Handle:
+        """Average (or sum) `array` over all ranks, in place, in chunks of `chunk_bytes`.
+
+        Parameters
+        ----------
+        array : ndarray of any shape, float32 or float64, C-contiguous, writable
+        op : {"mean", "sum"}
+        priority : int
+            Lower values are posted first; equal priorities keep posting order.
+        """
+        _check_array("array", array, writable=True)
+        self._check_op(op)
+        return self._post("allreduce", array, None, array.size, op, priority, (array,))
+
+    def reduce_scatter_async(self, array: np.ndarray, out: np.ndarray, *, op: str = "mean",
+                             priority: int = 0) -> Handle:
+        """Each rank receives the reduced slice it owns under `partition(array.size, P)`.
+
+        Parameters
+        ----------
+        array : ndarray of n elements (any shape), float32 or float64, C-contiguous
+            Read only; must not change until the handle completes.
+        out : ndarray of partition(n, P)[rank].count elements, same dtype
+        """
+        _check_array("array", array, writable=False)
+        _check_array("out", out, writable=True)
+        self._check_op(op)
+        self._check_same_dtype(array, out)
+        offset, count = self.partition(array.size)[self.rank]
+        if out.size != count:
+            raise ValueError(f"out has {out.size} elements but rank {self.rank} owns {count} "
+                             f"of {array.size} (slice [{offset}, {offset + count}))")
+        return self._post("reduce_scatter", array, out, array.size, op, priority, (array, out))
+
+    def allgather_async(self, slice_array: np.ndarray, out: np.ndarray, *,
+                        priority: int = 0) -> Handle:
+        """Gather every rank's slice into `out` (n elements) under `partition(n, P)`.
+
+        `slice_array` may be the view `out.reshape(-1)[offset:offset + count]`
+        of this rank's own slice (then the gather runs in place).
+        """
+        _check_array("slice_array", slice_array, writable=False)
+        _check_array("out", out, writable=True)
+        self._check_same_dtype(slice_array, out)
+        offset, count = self.partition(out.size)[self.rank]
+        if slice_array.size != count:
+            raise ValueError(f"slice_array has {slice_array.size} elements but rank {self.rank} "
+                             f"owns {count} of {out.size}")
+        return self._post("allgather", slice_array, out, out.size, "sum", priority,
+                          (slice_array, out), in_place_offset=offset)
+
+    def stats(self) -> dict:
+        """Counters of this exchanger and the progress thread's CPU time.
+
+        Keys: bytes_posted, chunks_posted, requests_enqueued, requests_completed,
+        requests_failed, negotiation_rounds, chunk_seconds_in_flight,
+        progress_thread_cpu_s.
+        """
+        return self._engine.stats()
+
+    def drain_trace(self) -> list[tuple]:
+        """Chunk events since the last call: (seq, chunk, kind, bytes, t_post, t_done),
+        times on `time.monotonic()`'s clock. Empty unless built with trace=True."""
+        return self._engine.drain_trace()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish pending requests (failing them after `timeout`) and join the thread.
+
+        Raises ExchangeError if requests had to be abandoned.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        clean = self._engine.close(self.close_timeout if timeout is None else float(timeout))
+        if self._engine.leaked:
+            _ABANDONED.append((self._engine, list(self._pending.values()), self._comm))
+        else:
+            self._comm.Free()
+        self._pending.clear()
+        _LIVE.discard(self)
+        if not clean:
+            raise ExchangeError("close(): requests were still pending after the timeout and "
+                                "were failed (a peer rank never posted the matching collective)")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- internals ----------------------------------------------------------------
+    @staticmethod
+    def _check_op(op: str) -> None:
+        if op not in _OPS:
+            raise ValueError(f"unknown op {op!r}; expected one of {_OPS}")
+
+    @staticmethod
+    def _check_same_dtype(a: np.ndarray, b: np.ndarray) -> None:
+        if a.dtype != b.dtype:
+            raise TypeError(f"dtype mismatch: {a.dtype} input and {b.dtype} output")
+
+    def _post(self, kind: str, buf: np.ndarray, out: np.ndarray | None, count: int, op: str,
+              priority: int, arrays: tuple, in_place_offset: int = 0, fault: bool = False) -> Handle:
+        if self._closed:
+            raise RuntimeError("the exchanger is closed; create a new Exchanger")
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+        if not -(2**31) <= int(priority) < 2**31:
+            raise ValueError(f"priority {priority} does not fit in a C int")
+        if kind != "allreduce" and max(c for _, c in self.partition(count)) > _INT_MAX:
+            raise ValueError(f"{kind} of {count} elements: a rank's slice exceeds MPI's int count")
+        counts = [c for _, c in self.partition(count)] if kind != "allreduce" else None
+        self._reject_overlap(kind, buf, out, in_place_offset)
+        description = (f"{kind} #{{seq}} of {count} {buf.dtype} "
+                       f"(op {op}, priority {int(priority)})")   # seq filled in by the engine
+        with self._lock:
+            self._collect_finished()
+            request = self._engine.enqueue(
+                _KINDS[kind], _address_range(buf)[0],
+                0 if out is None else _address_range(out)[0], count, buf.itemsize, op,
+                int(priority), _signature(_KINDS[kind], count, buf.dtype, op, int(priority)),
+                counts, arrays, description, fault)
+            self._pending[request.seq] = request
+        return Handle(request, self)
+
+    def _reject_overlap(self, kind, buf, out, in_place_offset) -> None:
+        """An array still in flight must not be posted again (MPI would race on it)."""
+        ranges = [_address_range(buf)]
+        if out is not None:
+            o = _address_range(out)
+            b = ranges[0]
+            in_place = kind == "allgather" and b[0] == o[0] + in_place_offset * out.itemsize
+            if not in_place and b[0] < o[1] and o[0] < b[1] and buf.nbytes and out.nbytes:
+                raise ValueError(f"{kind}: input and output arrays overlap")
+            ranges.append(o)
+        with self._lock:
+            self._collect_finished()
+            for request in self._pending.values():
+                for a in request.arrays:
+                    s, e = _address_range(a)
+                    for lo, hi in ranges:
+                        if lo < e and s < hi and hi > lo and e > s:
+                            raise ValueError(
+                                f"this array (or one sharing its memory) is still in flight in "
+                                f"{request.description}; wait() for it before posting it again")
+
+    def _collect_finished(self) -> None:
+        for seq in [s for s, r in self._pending.items() if r.finished()]:
+            del self._pending[seq]
+
+    def _forget(self, request) -> None:
+        with self._lock:
+            self._pending.pop(request.seq, None)
+
+    def _pending_summary(self) -> str:
+        with self._lock:
+            pending = [r.description for r in self._pending.values() if not r.finished()]
+        if not pending:
+            return "nothing else pending"
+        return f"{len(pending)} pending on this rank: " + ", ".join(pending[:8])
+
+    def _post_faulty(self, array: np.ndarray) -> Handle:
+        """Test hook: an allreduce the thread posts with an invalid MPI datatype, so
+        that a real MPI error travels the real path to `wait()`. Every rank must call it."""
+        _check_array("array", array, writable=True)
+        return self._post("allreduce", array, None, array.size, "sum", 0, (array,), fault=True)
+
+
+@atexit.register
+def _close_all() -> None:
+    """Join every progress thread before mpi4py finalizes MPI (atexit runs LIFO)."""
+    for ex in list(_LIVE):
+        try:
+            ex.close(timeout=5.0)
+        except Exception:
+            pass

@@ -1,0 +1,107 @@
+# Declarations of the progress engine: the C structures shared by the
+# progress thread (which never holds the GIL) and the Python-facing classes.
+
+from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request
+
+include "_sys.pxi"
+
+cdef enum:
+    MAX_SLOTS = 256             # most MPI requests outstanding (the max_inflight cap)
+    NEGOTIATION_WINDOW = 16     # not-yet-agreed requests one negotiation round can admit
+    NEGOTIATION_LEN = 34        # 2 + 2 * NEGOTIATION_WINDOW
+    ERRMSG_LEN = 512
+
+cdef enum:
+    KIND_ALLREDUCE = 0
+    KIND_REDUCE_SCATTER = 1
+    KIND_ALLGATHER = 2
+
+cdef enum:
+    STATE_QUEUED = 0    # enqueued here; not yet known to be enqueued on every rank
+    STATE_AGREED = 1    # every rank enqueued it: its chunks may be posted
+    STATE_DONE = 2
+    STATE_FAILED = 3
+
+ctypedef struct request_t:
+    long long seq           # posting order on this rank (same on every rank)
+    int kind
+    int priority            # lower is posted first
+    int mean                # divide the result by the communicator size
+    int in_place            # allgather: the slice already sits in `out`
+    int fault               # test hook: post with an invalid datatype
+    char* buf               # allreduce: data (in place); reduce-scatter/allgather: send buffer
+    char* out               # reduce-scatter: this rank's slice; allgather: full result
+    long long count         # elements in the full array
+    int itemsize
+    MPI_Datatype dtype
+    MPI_Op op
+    long long chunk_elems
+    int nchunks
+    int chunks_posted
+    int chunks_done
+    int chunks_inflight
+    int state
+    int failed              # an error is recorded; FAILED once nothing is in flight
+    long long signature     # hash of (kind, count, dtype, op, priority), checked across ranks
+    int* counts             # partition: elements owned by each rank
+    int* displs             # partition: offset of each rank's slice
+    double t_enqueue
+    double t_first_post
+    double t_done
+    char errmsg[ERRMSG_LEN]
+    request_t* next
+
+ctypedef struct slot_t:
+    request_t* req
+    int chunk
+    long long nbytes
+    double t_post
+
+ctypedef struct trace_event_t:
+    long long seq
+    int chunk
+    int kind
+    long long nbytes
+    double t_post
+    double t_done
+
+ctypedef struct engine_t:
+    MPI_Comm comm
+    int size
+    int rank
+    long long chunk_bytes
+    int max_inflight
+    long poll_us
+    int pin_cpu
+    pthread_t thread
+    int thread_started
+    pthread_mutex_t lock
+    pthread_cond_t wake         # to the thread: new work, close or abandon
+    pthread_cond_t changed      # from the thread: a request finished, or it exited
+    # Guarded by `lock`:
+    request_t* head             # unfinished requests in seq order
+    request_t* tail
+    long long n_enqueued
+    int closing
+    int abandon
+    int exited
+    int leaked                  # requests were abandoned with MPI operations in flight
+    long long bytes_posted
+    long long chunks_posted
+    long long requests_completed
+    long long requests_failed
+    long long rounds
+    double inflight_seconds
+    double thread_cpu_seconds
+    trace_event_t* trace
+    long long trace_len
+    long long trace_cap
+    # Owned by the progress thread alone:
+    long long agreed            # requests seq < agreed are enqueued on every rank
+    int nactive
+    MPI_Request mpi_reqs[MAX_SLOTS]
+    slot_t slots[MAX_SLOTS]
+    MPI_Request round_req
+    int round_active
+    long long round_send[NEGOTIATION_LEN]
+    long long round_recv[NEGOTIATION_LEN]

@@ -1,0 +1,703 @@
+# cython: language_level=3
+"""The progress engine: one C thread per process that owns non-blocking MPI
+collectives and drives them to completion while Python computes.
+
+Python (engine/exchanger.py) validates arrays and enqueues requests here; the
+thread negotiates with its peers which requests every rank has enqueued, posts
+their chunks as MPI_Iallreduce / MPI_Ireduce_scatter / MPI_Iallgatherv, tests
+them, and wakes whoever waits. The thread never touches a Python object and
+never takes the GIL.
+"""
+
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memset, strncpy
+from libc.stdio cimport snprintf
+from libc.limits cimport LLONG_MAX
+
+from mpi4py.libmpi cimport (
+    MPI_Comm, MPI_Comm_rank, MPI_Comm_size, MPI_DATATYPE_NULL, MPI_DOUBLE,
+    MPI_ERR_IN_STATUS, MPI_Error_string, MPI_FLOAT, MPI_IN_PLACE, MPI_LONG_LONG,
+    MPI_MAX_ERROR_STRING, MPI_MIN, MPI_Iallgatherv, MPI_Iallreduce,
+    MPI_Ireduce_scatter, MPI_Request, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
+    MPI_SUM, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
+)
+cimport mpi4py.MPI as MPI
+
+
+
+# ----------------------------------------------------------------------------
+# Small helpers (no GIL)
+# ----------------------------------------------------------------------------
+
+cdef inline double now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
+
+
+cdef inline double thread_cpu_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(<clockid_t>CLOCK_THREAD_CPUTIME_ID, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
+
+
+cdef inline void sleep_us(long us) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = us // 1000000
+    ts.tv_nsec = (us % 1000000) * 1000
+    nanosleep(&ts, NULL)
+
+
+cdef void record_mpi_error(request_t* r, const char* where, int code) noexcept nogil:
+    """Store MPI's own error string on the request; raised later at wait()."""
+    cdef char text[MPI_MAX_ERROR_STRING + 1]
+    cdef int length = 0
+    memset(text, 0, sizeof(text))
+    if MPI_Error_string(code, text, &length) != MPI_SUCCESS:
+        strncpy(text, b"unknown MPI error", MPI_MAX_ERROR_STRING)
+    if not r.failed:
+        snprintf(r.errmsg, ERRMSG_LEN, b"%s failed (MPI error %d): %s", where, code, text)
+    r.failed = 1
+
+
+cdef void finish_request(engine_t* e, request_t* r) noexcept nogil:
+    """Under the lock: unlink a request that has nothing in flight and wake waiters."""
+    cdef request_t* p = e.head
+    cdef request_t* prev = NULL
+    while p != NULL and p != r:
+        prev = p
+        p = p.next
+    if p != NULL:
+        if prev == NULL:
+            e.head = r.next
+        else:
+            prev.next = r.next
+        if e.tail == r:
+            e.tail = prev
+    r.next = NULL
+    r.t_done = now()
+    if r.failed:
+        r.state = STATE_FAILED
+        e.requests_failed += 1
+    else:
+        r.state = STATE_DONE
+        e.requests_completed += 1
+    pthread_cond_broadcast(&e.changed)
+
+
+# ----------------------------------------------------------------------------
+# Posting and completing chunks (progress thread only)
+# ----------------------------------------------------------------------------
+
+cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
+    """Post chunk `r.chunks_posted` of a request into a free slot. 0 on success."""
+    cdef int c = r.chunks_posted
+    cdef long long offset, n
+    cdef int rc
+    cdef int k = e.nactive
+    cdef MPI_Datatype dtype = MPI_DATATYPE_NULL if r.fault else r.dtype
+    cdef void* send
+    e.mpi_reqs[k] = MPI_REQUEST_NULL
+    if r.kind == KIND_ALLREDUCE:
+        offset = c * r.chunk_elems
+        n = r.count - offset
+        if n > r.chunk_elems:
+            n = r.chunk_elems
+        rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
+                            r.op, e.comm, &e.mpi_reqs[k])
+    elif r.kind == KIND_REDUCE_SCATTER:
+        n = r.count
+        rc = MPI_Ireduce_scatter(r.buf, r.out, r.counts, dtype, r.op, e.comm, &e.mpi_reqs[k])
+    else:
+        n = r.count
+        send = MPI_IN_PLACE if r.in_place else <void*>r.buf
+        rc = MPI_Iallgatherv(send, r.counts[e.rank], dtype, r.out, r.counts, r.displs,
+                             dtype, e.comm, &e.mpi_reqs[k])
+    r.chunks_posted += 1
+    if rc != MPI_SUCCESS:
+        record_mpi_error(r, b"posting a chunk", rc)
+        return rc
+    if r.t_first_post == 0.0:
+        r.t_first_post = now()
+    e.slots[k].req = r
+    e.slots[k].chunk = c
+    e.slots[k].nbytes = n * r.itemsize
+    e.slots[k].t_post = now()
+    e.nactive += 1
+    r.chunks_inflight += 1
+    e.chunks_posted += 1
+    e.bytes_posted += n * r.itemsize
+    return 0
+
+
+cdef void divide_by_size(engine_t* e, request_t* r, int chunk) noexcept nogil:
+    """'mean' = the sum from MPI divided by P, on every rank alike (bitwise equal)."""
+    cdef char* base
+    cdef long long n, i
+    cdef float* f
+    cdef double* d
+    cdef double p = e.size
+    cdef float pf = <float>e.size
+    if r.kind == KIND_ALLREDUCE:
+        base = r.buf + chunk * r.chunk_elems * r.itemsize
+        n = r.count - chunk * r.chunk_elems
+        if n > r.chunk_elems:
+            n = r.chunk_elems
+    else:
+        base = r.out
+        n = r.counts[e.rank]
+    if r.itemsize == 4:
+        f = <float*>base
+        for i in range(n):
+            f[i] = f[i] / pf
+    else:
+        d = <double*>base
+        for i in range(n):
+            d[i] = d[i] / p
+
+
+cdef int complete_slot(engine_t* e, int k, int error_code) noexcept nogil:
+    """Under the lock: account for the completion of slot k. Returns 1 if its request finished."""
+    cdef request_t* r = e.slots[k].req
+    cdef double t = now()
+    cdef trace_event_t* ev
+    r.chunks_inflight -= 1
+    e.inflight_seconds += t - e.slots[k].t_post
+    if error_code != MPI_SUCCESS:
+        record_mpi_error(r, b"a chunk", error_code)
+    else:
+        r.chunks_done += 1
+    if e.trace != NULL:
+        if e.trace_len == e.trace_cap:
+            ev = <trace_event_t*>realloc(e.trace, 2 * e.trace_cap * sizeof(trace_event_t))
+            if ev != NULL:
+                e.trace = ev
+                e.trace_cap *= 2
+        if e.trace_len < e.trace_cap:
+            ev = &e.trace[e.trace_len]
+            ev.seq = r.seq
+            ev.chunk = e.slots[k].chunk
+            ev.kind = r.kind
+            ev.nbytes = e.slots[k].nbytes
+            ev.t_post = e.slots[k].t_post
+            ev.t_done = t
+            e.trace_len += 1
+    if r.chunks_inflight == 0 and (r.chunks_done == r.nchunks or r.failed):
+        finish_request(e, r)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Negotiation: which requests has every rank enqueued?
+# ----------------------------------------------------------------------------
+
+cdef int round_needed(engine_t* e) noexcept nogil:
+    """Under the lock: is there anything a negotiation round could unlock?"""
+    cdef request_t* r
+    if e.n_enqueued > e.agreed:
+        return 1
+    if e.nactive >= e.max_inflight:
+        return 0
+    r = e.head
+    while r != NULL:
+        if r.state == STATE_AGREED and not r.failed and r.chunks_posted < r.nchunks:
+            return 1
+        r = r.next
+    return 0
+
+
+cdef int start_round(engine_t* e) noexcept nogil:
+    """Under the lock: post the MIN-allreduce that agrees on what may be posted next.
+
+    Layout: [enqueued count, free slots, signature of requests agreed..agreed+W-1,
+    minus the same signatures]. MIN over ranks gives the count every rank has
+    reached, the slots free everywhere, and (through the negated copy) the
+    maximum signature: min == max proves every rank enqueued the same request.
+    """
+    cdef int j
+    cdef request_t* r = e.head
+    cdef long long seq
+    for j in range(NEGOTIATION_LEN):
+        e.round_send[j] = LLONG_MAX
+    e.round_send[0] = e.n_enqueued
+    e.round_send[1] = e.max_inflight - e.nactive
+    while r != NULL:
+        seq = r.seq - e.agreed
+        if 0 <= seq < NEGOTIATION_WINDOW:
+            e.round_send[2 + seq] = r.signature
+            e.round_send[2 + NEGOTIATION_WINDOW + seq] = -r.signature
+        r = r.next
+    e.round_req = MPI_REQUEST_NULL
+    cdef int rc = MPI_Iallreduce(e.round_send, e.round_recv, NEGOTIATION_LEN, MPI_LONG_LONG,
+                                 MPI_MIN, e.comm, &e.round_req)
+    if rc != MPI_SUCCESS:
+        return rc
+    e.round_active = 1
+    e.rounds += 1
+    return 0
+
+
+cdef request_t* next_to_post(engine_t* e) noexcept nogil:
+    """The agreed request whose next chunk goes first: lowest (priority, seq)."""
+    cdef request_t* best = NULL
+    cdef request_t* r = e.head
+    while r != NULL:
+        if r.state == STATE_AGREED and not r.failed and r.chunks_posted < r.nchunks:
+            if best == NULL or r.priority < best.priority:
+                best = r     # the list is in seq order, so ties keep the older one
+        r = r.next
+    return best
+
+
+cdef void apply_round(engine_t* e) noexcept nogil:
+    """Under the lock: admit newly agreed requests and post as many chunks as every rank can."""
+    cdef long long everywhere = e.round_recv[0]
+    cdef long long budget = e.round_recv[1]
+    cdef long long admit = everywhere - e.agreed
+    cdef long long j
+    cdef request_t* r
+    cdef request_t* nxt
+    if admit > NEGOTIATION_WINDOW:
+        admit = NEGOTIATION_WINDOW
+    r = e.head
+    while r != NULL:
+        nxt = r.next
+        j = r.seq - e.agreed
+        if 0 <= j < admit:
+            r.state = STATE_AGREED
+            if e.round_recv[2 + j] != -e.round_recv[2 + NEGOTIATION_WINDOW + j]:
+                snprintf(r.errmsg, ERRMSG_LEN,
+                         b"request #%lld does not match across ranks: every rank must post "
+                         b"the same collective (kind, element count, dtype, op, priority) "
+                         b"in the same order", r.seq)
+                r.failed = 1
+            if r.failed or r.nchunks == 0:
+                finish_request(e, r)
+        r = nxt
+    if admit > 0:
+        e.agreed += admit
+    while budget > 0:
+        r = next_to_post(e)
+        if r == NULL:
+            break
+        post_chunk(e, r)
+        if r.failed and r.chunks_inflight == 0:
+            finish_request(e, r)
+        budget -= 1
+
+
+cdef void abandon_all(engine_t* e) noexcept nogil:
+    """Under the lock: fail every unfinished request; MPI may still own their buffers."""
+    cdef request_t* r = e.head
+    cdef request_t* nxt
+    while r != NULL:
+        nxt = r.next
+        if r.chunks_inflight > 0 or e.round_active:
+            e.leaked = 1
+        if not r.failed:
+            snprintf(r.errmsg, ERRMSG_LEN,
+                     b"the exchanger was closed before request #%lld completed "
+                     b"(%d of %d chunks done): a peer rank never posted the matching collective",
+                     r.seq, r.chunks_done, r.nchunks)
+            r.failed = 1
+        r.chunks_inflight = 0
+        finish_request(e, r)
+        r = nxt
+    e.nactive = 0
+    e.round_active = 0
+
+
+# ----------------------------------------------------------------------------
+# The progress loop
+# ----------------------------------------------------------------------------
+#
+# Design constraints, in order of importance:
+#  1. Every rank issues the same collectives in the same order on the engine's
+#     communicator, or MPI matches the wrong operations (a hang or silent
+#     corruption). Which chunk goes next therefore depends only on information
+#     every rank shares: the agreed set of requests (from the negotiation
+#     round), their (priority, seq) order and the number of free slots agreed
+#     in that round, never on local timing.
+#  2. Non-blocking collectives only advance while someone calls into MPI, so
+#     this thread keeps testing everything in flight while Python computes.
+#  3. It must not steal a core from the compute threads: between polls it
+#     sleeps poll_us, and with nothing to do it blocks on a condition variable.
+#  4. It never touches a Python object and never takes the GIL; errors are
+#     stored on the request and raised by Python at wait().
+#  5. A buffer is never released while MPI may still write to it: a request
+#     finishes only once none of its chunks is in flight.
+
+cdef void* progress_main(void* arg) noexcept nogil:
+    cdef engine_t* e = <engine_t*>arg
+    cdef int i, k, rc, test_rc, round_rc, outcount, flag, progressed, j
+    cdef int indices[MAX_SLOTS]
+    cdef MPI_Status statuses[MAX_SLOTS]
+    cdef MPI_Status round_status
+    cdef cpu_set_t cpus
+    if e.pin_cpu >= 0:
+        CPU_ZERO(&cpus)
+        CPU_SET(e.pin_cpu, &cpus)
+        pthread_setaffinity_np(pthread_self(), sizeof(cpu_set_t), &cpus)
+
+    pthread_mutex_lock(&e.lock)
+    while True:
+        if e.abandon:
+            abandon_all(e)
+            break
+        if not e.round_active and round_needed(e):
+            rc = start_round(e)
+            if rc != MPI_SUCCESS:
+                # The communicator itself is broken: fail everything rather than hang.
+                if e.head != NULL:
+                    record_mpi_error(e.head, b"the negotiation round", rc)
+                abandon_all(e)
+                break
+        if e.nactive == 0 and not e.round_active:
+            if e.closing and e.head == NULL:
+                break
+            if not round_needed(e):
+                e.thread_cpu_seconds = thread_cpu_now()
+                pthread_cond_wait(&e.wake, &e.lock)
+                continue
+        pthread_mutex_unlock(&e.lock)
+
+        # Drive MPI without holding the lock (Python may enqueue meanwhile).
+        progressed = 0
+        outcount = 0
+        test_rc = MPI_SUCCESS
+        if e.nactive > 0:
+            test_rc = MPI_Testsome(e.nactive, e.mpi_reqs, &outcount, indices, statuses)
+            if outcount == MPI_UNDEFINED:
+                outcount = 0
+            if test_rc != MPI_SUCCESS and test_rc != MPI_ERR_IN_STATUS:
+                outcount = -test_rc    # the whole call failed: handled below under the lock
+        flag = 0
+        round_rc = MPI_SUCCESS
+        if e.round_active:
+            round_rc = MPI_Test(&e.round_req, &flag, &round_status)
+            if round_rc != MPI_SUCCESS:
+                flag = -1
+
+        pthread_mutex_lock(&e.lock)
+        if outcount < 0:
+            for k in range(e.nactive):
+                complete_slot(e, k, -outcount)
+            e.nactive = 0
+            progressed = 1
+        elif outcount > 0:
+            for i in range(outcount):
+                k = indices[i]
+                rc = MPI_SUCCESS
+                if test_rc == MPI_ERR_IN_STATUS:    # only then are the error fields set
+                    rc = statuses[i].MPI_ERROR
+                if rc == MPI_SUCCESS and e.slots[k].req.mean and not e.slots[k].req.failed:
+                    divide_by_size(e, e.slots[k].req, e.slots[k].chunk)
+                complete_slot(e, k, rc)
+            # Compact the live slots (completed requests are MPI_REQUEST_NULL now).
+            j = 0
+            for k in range(e.nactive):
+                if e.mpi_reqs[k] != MPI_REQUEST_NULL:
+                    e.mpi_reqs[j] = e.mpi_reqs[k]
+                    e.slots[j] = e.slots[k]
+                    j += 1
+            e.nactive = j
+            progressed = 1
+        if flag == -1:
+            if e.head != NULL:
+                record_mpi_error(e.head, b"the negotiation round", round_rc)
+            e.round_active = 0
+            abandon_all(e)
+            break
+        if flag:
+            e.round_active = 0
+            apply_round(e)
+            progressed = 1
+        if not progressed and (e.nactive > 0 or e.round_active):
+            pthread_mutex_unlock(&e.lock)
+            sleep_us(e.poll_us)
+            pthread_mutex_lock(&e.lock)
+
+    e.thread_cpu_seconds = thread_cpu_now()
+    e.exited = 1
+    pthread_cond_broadcast(&e.changed)
+    pthread_mutex_unlock(&e.lock)
+    return NULL
+
+
+# ----------------------------------------------------------------------------
+# Python-facing classes
+# ----------------------------------------------------------------------------
+
+_KIND_NAMES = {KIND_ALLREDUCE: "allreduce", KIND_REDUCE_SCATTER: "reduce_scatter",
+               KIND_ALLGATHER: "allgather"}
+
+
+cdef class Request:
+    """One enqueued collective, as seen from Python. Owns its C record."""
+    cdef request_t* r
+    cdef Engine engine
+    cdef readonly object arrays      # keeps every buffer alive until completion
+    cdef readonly str description
+
+    def __dealloc__(self):
+        if self.r != NULL:
+            free(self.r.counts)
+            free(self.r.displs)
+            free(self.r)
+            self.r = NULL
+
+    @property
+    def seq(self):
+        return self.r.seq
+
+    cpdef int state(self):
+        cdef int s
+        pthread_mutex_lock(&self.engine.e.lock)
+        s = self.r.state
+        pthread_mutex_unlock(&self.engine.e.lock)
+        return s
+
+    def finished(self):
+        return self.state() >= STATE_DONE
+
+    def failed(self):
+        return self.state() == STATE_FAILED
+
+    def error_message(self):
+        return self.r.errmsg.decode("utf-8", "replace")
+
+    def wait(self, timeout=None):
+        """Block (without the GIL) until finished; False on timeout."""
+        cdef engine_t* e = self.engine.e
+        cdef double deadline = -1.0
+        cdef timespec ts
+        cdef int rc = 0
+        if timeout is not None:
+            deadline = now() + max(0.0, float(timeout))
+        with nogil:
+            pthread_mutex_lock(&e.lock)
+            while self.r.state < STATE_DONE:
+                if deadline < 0:
+                    pthread_cond_wait(&e.changed, &e.lock)
+                else:
+                    ts.tv_sec = <long>deadline
+                    ts.tv_nsec = <long>((deadline - ts.tv_sec) * 1e9)
+                    rc = pthread_cond_timedwait(&e.changed, &e.lock, &ts)
+                    if rc == ETIMEDOUT and self.r.state < STATE_DONE:
+                        break
+            rc = self.r.state
+            pthread_mutex_unlock(&e.lock)
+        return rc >= STATE_DONE
+
+    def progress(self):
+        """A snapshot for error messages: (state, done, in flight, posted, total chunks)."""
+        pthread_mutex_lock(&self.engine.e.lock)
+        snapshot = (self.r.state, self.r.chunks_done, self.r.chunks_inflight,
+                    self.r.chunks_posted, self.r.nchunks)
+        pthread_mutex_unlock(&self.engine.e.lock)
+        return snapshot
+
+    def times(self):
+        """(enqueue, first post, done) on the CLOCK_MONOTONIC clock (= time.monotonic())."""
+        return (self.r.t_enqueue, self.r.t_first_post, self.r.t_done)
+
+
+cdef class Engine:
+    """The C progress engine of one communicator. engine.Exchanger wraps it."""
+    cdef engine_t* e
+    cdef readonly int size
+    cdef readonly int rank
+    cdef long long next_seq
+    cdef object comm     # keeps the MPI communicator object alive
+
+    def __cinit__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
+                  long poll_us, int pin_cpu=-1, bint trace=False):
+        cdef pthread_condattr_t attr
+        if max_inflight < 1 or max_inflight > MAX_SLOTS:
+            raise ValueError(f"max_inflight must be in [1, {MAX_SLOTS}], got {max_inflight}")
+        self.e = <engine_t*>calloc(1, sizeof(engine_t))
+        if self.e == NULL:
+            raise MemoryError()
+        self.comm = comm
+        self.e.comm = comm.ob_mpi
+        MPI_Comm_size(self.e.comm, &self.e.size)
+        MPI_Comm_rank(self.e.comm, &self.e.rank)
+        self.size = self.e.size
+        self.rank = self.e.rank
+        self.e.chunk_bytes = chunk_bytes
+        self.e.max_inflight = max_inflight
+        self.e.poll_us = poll_us
+        self.e.pin_cpu = pin_cpu
+        self.e.round_req = MPI_REQUEST_NULL
+        pthread_mutex_init(&self.e.lock, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.e.wake, &attr)
+        pthread_cond_init(&self.e.changed, &attr)
+        pthread_condattr_destroy(&attr)
+        if trace:
+            self.e.trace_cap = 4096
+            self.e.trace = <trace_event_t*>malloc(self.e.trace_cap * sizeof(trace_event_t))
+        if pthread_create(&self.e.thread, NULL, progress_main, self.e) != 0:
+            raise RuntimeError("could not start the progress thread")
+        self.e.thread_started = 1
+
+    def __dealloc__(self):
+        if self.e == NULL:
+            return
+        if self.e.thread_started:
+            # Never free state a running thread uses: shut it down first.
+            with nogil:
+                pthread_mutex_lock(&self.e.lock)
+                self.e.abandon = 1
+                pthread_cond_signal(&self.e.wake)
+                pthread_mutex_unlock(&self.e.lock)
+                pthread_join(self.e.thread, NULL)
+            self.e.thread_started = 0
+        if self.e.leaked:
+            return    # MPI may still touch this memory; leaking it is the safe choice
+        pthread_mutex_destroy(&self.e.lock)
+        pthread_cond_destroy(&self.e.wake)
+        pthread_cond_destroy(&self.e.changed)
+        free(self.e.trace)
+        free(self.e)
+        self.e = NULL
+
+    def enqueue(self, int kind, size_t buf_address, size_t out_address, long long count,
+                int itemsize, str op, int priority, long long signature, object counts,
+                object arrays, str description, bint fault=False):
+        """Hand a validated request to the thread.
+
+        The caller (engine.Exchanger) has checked dtype, contiguity and sizes;
+        `arrays` holds every buffer, and the returned Request keeps it alive.
+        `count` is the full array's element count (n of the partition).
+        """
+        cdef Request req = Request.__new__(Request)
+        cdef request_t* r = <request_t*>calloc(1, sizeof(request_t))
+        cdef int p
+        cdef long long offset = 0
+        if r == NULL:
+            raise MemoryError()
+        req.r = r
+        req.engine = self
+        req.arrays = arrays
+        r.kind = kind
+        r.priority = priority
+        r.mean = 1 if op == "mean" else 0
+        r.op = MPI_SUM
+        r.fault = fault
+        r.signature = signature
+        r.itemsize = itemsize
+        r.dtype = MPI_FLOAT if itemsize == 4 else MPI_DOUBLE
+        r.buf = <char*>buf_address
+        r.count = count
+        if kind == KIND_ALLREDUCE:
+            r.chunk_elems = max(1, self.e.chunk_bytes // r.itemsize)
+            r.nchunks = <int>((r.count + r.chunk_elems - 1) // r.chunk_elems)
+        else:
+            r.out = <char*>out_address
+            r.chunk_elems = r.count
+            r.nchunks = 1
+            r.counts = <int*>malloc(self.size * sizeof(int))
+            r.displs = <int*>malloc(self.size * sizeof(int))
+            if r.counts == NULL or r.displs == NULL:
+                raise MemoryError()
+            for p in range(self.size):
+                r.counts[p] = counts[p]
+                r.displs[p] = offset
+                offset += counts[p]
+            if kind == KIND_ALLGATHER:
+                r.in_place = (r.buf == r.out + r.displs[self.rank] * r.itemsize)
+        r.t_enqueue = now()
+        pthread_mutex_lock(&self.e.lock)
+        if self.e.closing or self.e.exited or self.e.abandon:
+            pthread_mutex_unlock(&self.e.lock)
+            raise RuntimeError("the exchanger is closed")
+        r.seq = self.next_seq
+        self.next_seq += 1
+        if self.e.tail == NULL:
+            self.e.head = r
+        else:
+            self.e.tail.next = r
+        self.e.tail = r
+        self.e.n_enqueued += 1
+        pthread_cond_signal(&self.e.wake)
+        pthread_mutex_unlock(&self.e.lock)
+        req.description = description.format(seq=r.seq)
+        return req
+
+    def close(self, double timeout):
+        """Let the thread finish what is pending, failing it after `timeout` seconds.
+
+        Returns True if everything finished, False if requests were abandoned.
+        """
+        cdef double deadline = now() + timeout
+        cdef timespec ts
+        cdef int clean = 1
+        if not self.e.thread_started:
+            return not self.e.leaked
+        with nogil:
+            pthread_mutex_lock(&self.e.lock)
+            self.e.closing = 1
+            pthread_cond_signal(&self.e.wake)
+            while not self.e.exited:
+                ts.tv_sec = <long>deadline
+                ts.tv_nsec = <long>((deadline - ts.tv_sec) * 1e9)
+                if pthread_cond_timedwait(&self.e.changed, &self.e.lock, &ts) == ETIMEDOUT:
+                    if not self.e.exited:
+                        clean = 0
+                        self.e.abandon = 1
+                        pthread_cond_signal(&self.e.wake)
+                        break
+            pthread_mutex_unlock(&self.e.lock)
+            pthread_join(self.e.thread, NULL)
+        self.e.thread_started = 0
+        return bool(clean) and not self.e.leaked
+
+    @property
+    def leaked(self):
+        return bool(self.e.leaked)
+
+    def thread_cpu_seconds(self):
+        cdef clockid_t cid
+        cdef timespec ts
+        if self.e.thread_started and not self.e.exited:
+            if pthread_getcpuclockid(self.e.thread, &cid) == 0:
+                if clock_gettime(cid, &ts) == 0:
+                    return ts.tv_sec + 1e-9 * ts.tv_nsec
+        return self.e.thread_cpu_seconds
+
+    def stats(self):
+        pthread_mutex_lock(&self.e.lock)
+        d = {
+            "bytes_posted": self.e.bytes_posted,
+            "chunks_posted": self.e.chunks_posted,
+            "requests_enqueued": self.e.n_enqueued,
+            "requests_completed": self.e.requests_completed,
+            "requests_failed": self.e.requests_failed,
+            "negotiation_rounds": self.e.rounds,
+            "chunk_seconds_in_flight": self.e.inflight_seconds,
+        }
+        pthread_mutex_unlock(&self.e.lock)
+        d["progress_thread_cpu_s"] = self.thread_cpu_seconds()
+        return d
+
+    def drain_trace(self):
+        """Return and forget the recorded chunk events: (seq, chunk, kind, bytes, t_post, t_done)."""
+        events = []
+        cdef long long i
+        if self.e.trace == NULL:
+            return events
+        pthread_mutex_lock(&self.e.lock)
+        for i in range(self.e.trace_len):
+            ev = self.e.trace[i]
+            events.append((ev.seq, ev.chunk, _KIND_NAMES[ev.kind], ev.nbytes, ev.t_post, ev.t_done))
+        self.e.trace_len = 0
+        pthread_mutex_unlock(&self.e.lock)
+        return events
+
+
+def monotonic():
+    """The clock the engine stamps events with (CLOCK_MONOTONIC, seconds)."""
+    return now()
