@@ -394,7 +394,7 @@ class Exchanger:
         return f"{len(pending)} pending on this rank: " + ", ".join(pending[:8])
 
     def _post_faulty(self, array: np.ndarray) -> Handle:
-        """Test hook: an allreduce the thread posts with an invalid MPI datatype, so
+        """Test hook: an allreduce the thread posts with MPI_OP_NULL, so
         that a real MPI error travels the real path to `wait()`. Every rank must call it."""
         _check_array("array", array, writable=True)
         return self._post("allreduce", array, None, array.size, "sum", 0, (array,), fault=True)

@@ -28,7 +28,7 @@ ctypedef struct request_t:
     int priority            # lower is posted first
     int mean                # divide the result by the communicator size
     int in_place            # allgather: the slice already sits in `out`
-    int fault               # test hook: post with an invalid datatype
+    int fault               # test hook: post with MPI_OP_NULL (MPI rejects it)
     char* buf               # allreduce: data (in place); reduce-scatter/allgather: send buffer
     char* out               # reduce-scatter: this rank's slice; allgather: full result
     long long count         # elements in the full array

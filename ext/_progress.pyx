@@ -17,7 +17,7 @@ from libc.limits cimport LLONG_MAX
 from mpi4py.libmpi cimport (
     MPI_Comm, MPI_Comm_rank, MPI_Comm_size, MPI_DATATYPE_NULL, MPI_DOUBLE,
     MPI_ERR_IN_STATUS, MPI_Error_string, MPI_FLOAT, MPI_IN_PLACE, MPI_LONG_LONG,
-    MPI_MAX_ERROR_STRING, MPI_MIN, MPI_Iallgatherv, MPI_Iallreduce,
+    MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce,
     MPI_Ireduce_scatter, MPI_Request, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
     MPI_SUM, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
 )
@@ -95,7 +95,7 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     cdef long long offset, n
     cdef int rc
     cdef int k = e.nactive
-    cdef MPI_Datatype dtype = MPI_DATATYPE_NULL if r.fault else r.dtype
+    cdef MPI_Datatype dtype = r.dtype
     cdef void* send
     e.mpi_reqs[k] = MPI_REQUEST_NULL
     if r.kind == KIND_ALLREDUCE:
@@ -104,7 +104,7 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
         if n > r.chunk_elems:
             n = r.chunk_elems
         rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
-                            r.op, e.comm, &e.mpi_reqs[k])
+                            MPI_OP_NULL if r.fault else r.op, e.comm, &e.mpi_reqs[k])
     elif r.kind == KIND_REDUCE_SCATTER:
         n = r.count
         rc = MPI_Ireduce_scatter(r.buf, r.out, r.counts, dtype, r.op, e.comm, &e.mpi_reqs[k])

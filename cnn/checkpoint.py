@@ -1,0 +1,292 @@
+"""Checkpoints: one ``.npz`` file, written atomically, read without unpickling.
+
+Layout of the archive::
+
+    checkpoint.json     0-d unicode array: format, version, epoch, iteration,
+                        RNG state, metadata, the names of the arrays below,
+                        and the optimizer state with arrays replaced by
+                        {"__array__": key}
+    params/<name>       one array per model parameter
+    buffers/<name>      one array per buffer (BN running statistics)
+    optimizer/<n>       the optimizer state's arrays (momentum), numbered
+
+Design constraints:
+
+1. A crash at any moment leaves the previous checkpoint intact: write a
+   temporary file in the same directory, flush and fsync it, ``os.replace``
+   it over the target (atomic on POSIX), then fsync the directory so the
+   rename itself survives a power loss.
+2. Loading never executes code from the file: ``np.load(allow_pickle=False)``,
+   object arrays refused, the RNG state is JSON text rather than a pickle.
+3. Every way a file can be wrong (truncated, corrupt, missing entries, a
+   header promising more data than is stored) gives a `CheckpointError`
+   naming the file, checked before the array is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Checkpoint", "CheckpointError", "generator_from_state", "load_checkpoint",
+           "save_checkpoint"]
+
+FORMAT = "cnn-checkpoint"
+VERSION = 1
+_HEADER = "checkpoint.json"
+_ARRAY = "__array__"
+_BIT_GENERATORS = {cls.__name__: cls for cls in (np.random.PCG64, np.random.PCG64DXSM,
+                                                 np.random.Philox, np.random.SFC64,
+                                                 np.random.MT19937)}
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupt, truncated, or lacks an entry."""
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns.
+
+    Attributes
+    ----------
+    params, buffers : dict of str to ndarray
+    optimizer : dict or None
+        As given to `save_checkpoint` (e.g. ``SGD.state_dict()``); tuples
+        come back as lists.
+    epoch, iteration : int
+    rng_state : dict or None
+        ``Generator.bit_generator.state``; see `rng`.
+    metadata : dict
+    """
+
+    params: dict
+    buffers: dict = field(default_factory=dict)
+    optimizer: dict | None = None
+    epoch: int = 0
+    iteration: int = 0
+    rng_state: dict | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def rng(self) -> np.random.Generator | None:
+        """A Generator continuing exactly where the saved one stopped."""
+        return None if self.rng_state is None else generator_from_state(self.rng_state)
+
+
+def generator_from_state(state: Mapping) -> np.random.Generator:
+    """Rebuild a Generator from ``bit_generator.state`` (as saved, JSON-decoded)."""
+    name = state.get("bit_generator")
+    if name not in _BIT_GENERATORS:
+        raise CheckpointError(f"unknown bit generator {name!r} in RNG state")
+    bit_generator = _BIT_GENERATORS[name]()
+    bit_generator.state = _from_json_rng(state)
+    return np.random.Generator(bit_generator)
+
+
+def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
+                    buffers: Mapping[str, np.ndarray] | None = None,
+                    optimizer: Mapping | None = None, epoch: int = 0, iteration: int = 0,
+                    rng: np.random.Generator | None = None,
+                    metadata: Mapping | None = None):
+    """Write a checkpoint atomically (see the module docstring).
+
+    Parameters
+    ----------
+    path : path-like
+        Written exactly as given (no ``.npz`` is appended).
+    params : mapping of str to ndarray
+        E.g. ``{p.name: p.data for p in model.parameters()}``.
+    buffers : mapping of str to ndarray, optional
+        E.g. ``dict(model.buffers())``.
+    optimizer : mapping, optional
+        Nested dicts/lists of arrays, numbers, strings, bools and None,
+        e.g. ``SGD.state_dict()``.
+    epoch, iteration : int
+        Where to resume.
+    rng : numpy.random.Generator, optional
+        Its state is stored so that data order and augmentation resume
+        identically.
+    metadata : mapping, optional
+        Anything JSON-able (configuration, git revision, metrics).
+
+    Raises
+    ------
+    TypeError
+        If something cannot be stored without pickle; nothing is written.
+    """
+    path = Path(path)
+    arrays = {}
+    for prefix, named in (("params", params), ("buffers", buffers or {})):
+        for name, array in named.items():
+            arrays[f"{prefix}/{name}"] = _storable(array, f"{prefix}/{name}")
+    optimizer_arrays = {}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "params": list(params),
+        "buffers": list(buffers or {}),
+        "optimizer": None if optimizer is None else _encode(optimizer, optimizer_arrays),
+        "rng": None if rng is None else _to_json_rng(rng.bit_generator.state),
+        "metadata": dict(metadata or {}),
+    }
+    arrays.update(optimizer_arrays)
+    try:
+        arrays[_HEADER] = np.array(json.dumps(header))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_checkpoint: metadata is not JSON-able ({e})") from e
+    _atomic_write(path, arrays)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If `path` does not exist.
+    CheckpointError
+        If it is not a complete, well-formed checkpoint, or holds pickled
+        objects.
+    """
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # EOFError, BadZipFile, "pickled data" ValueError, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})"
+                              ) from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: not a checkpoint (a single .npy array, not an archive)")
+    with archive:
+        try:
+            header = json.loads(str(_read(archive, _HEADER, path)[()]))
+            if header.get("format") != FORMAT or header.get("version") != VERSION:
+                raise CheckpointError(f"{path}: format {header.get('format')!r} version "
+                                      f"{header.get('version')!r}, expected {FORMAT!r} "
+                                      f"version {VERSION}")
+            return Checkpoint(
+                params={n: _read(archive, f"params/{n}", path) for n in header["params"]},
+                buffers={n: _read(archive, f"buffers/{n}", path) for n in header["buffers"]},
+                optimizer=_decode(header["optimizer"], lambda key: _read(archive, key, path)),
+                epoch=int(header["epoch"]),
+                iteration=int(header["iteration"]),
+                rng_state=header["rng"],
+                metadata=header["metadata"],
+            )
+        except CheckpointError:
+            raise
+        except KeyError as e:
+            raise CheckpointError(f"{path}: header lacks {e}") from e
+        except Exception as e:  # whatever zipfile, numpy's header parser or json raise
+            raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _storable(array, where: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError(f"save_checkpoint: {where} holds Python objects, which would need pickle")
+    return array
+
+
+def _encode(tree, arrays: dict):
+    """Replace arrays in a nested structure by references into `arrays`."""
+    if isinstance(tree, np.ndarray):
+        key = f"optimizer/{len(arrays)}"
+        arrays[key] = _storable(tree, "optimizer state")
+        return {_ARRAY: key}
+    if isinstance(tree, Mapping):
+        if _ARRAY in tree or not all(isinstance(k, str) for k in tree):
+            raise TypeError(f"save_checkpoint: optimizer state keys must be strings other "
+                            f"than {_ARRAY!r}")
+        return {k: _encode(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_encode(v, arrays) for v in tree]
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"save_checkpoint: cannot store {type(tree).__name__} in optimizer state")
+
+
+def _decode(tree, read):
+    if isinstance(tree, dict):
+        if set(tree) == {_ARRAY}:
+            return read(tree[_ARRAY])
+        return {k: _decode(v, read) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_decode(v, read) for v in tree]
+    return tree
+
+
+def _to_json_rng(state):
+    # MT19937 keeps its key as an array; everything else is ints and strings.
+    if isinstance(state, dict):
+        return {k: _to_json_rng(v) for k, v in state.items()}
+    if isinstance(state, np.ndarray):
+        return {_ARRAY: state.tolist(), "dtype": state.dtype.str}
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+def _from_json_rng(state):
+    if isinstance(state, dict):
+        if _ARRAY in state:
+            return np.array(state[_ARRAY], dtype=np.dtype(state["dtype"]))
+        return {k: _from_json_rng(v) for k, v in state.items()}
+    return state
+
+
+def _read(archive, key: str, path: Path) -> np.ndarray:
+    """Read one entry after checking its header against the stored size."""
+    try:
+        info = archive.zip.getinfo(key + ".npy")
+    except KeyError:
+        raise CheckpointError(f"{path}: missing entry {key!r}") from None
+    with archive.zip.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in _NPY_HEADER_READERS:
+            raise CheckpointError(f"{path}: entry {key!r} has npy format {version}")
+        shape, _, dtype = _NPY_HEADER_READERS[version](member)
+        if dtype.hasobject:
+            raise CheckpointError(f"{path}: entry {key!r} holds Python objects (pickle); refused")
+        stored = info.file_size - member.tell()
+    if stored != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: entry {key!r} claims shape {shape} {dtype} but "
+                              f"stores {stored} bytes")
+    return archive[key]
+
+
+def _write_arrays(f, arrays: Mapping[str, np.ndarray]):
+    """The one step that writes the data; tests replace it to simulate a crash."""
+    np.savez(f, allow_pickle=False, **arrays)
+
+
+def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            _write_arrays(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

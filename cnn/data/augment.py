@@ -1,0 +1,39 @@
+"""CIFAR-style augmentation: random crop after zero padding, and horizontal flip."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["random_crop_flip"]
+
+
+def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Randomly shift each image by up to `pad` pixels and mirror half of them.
+
+    Equivalent to torchvision's ``RandomCrop(H, padding=pad)`` followed by
+    ``RandomHorizontalFlip()``, but for a whole batch with one gather instead
+    of a Python loop per image.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+        Any dtype; apply before normalising so the padding is black, as in
+        the usual recipe.
+    rng : numpy.random.Generator
+        Consumed in a fixed order (offsets, then flips), so the result is a
+        function of the generator's state.
+    pad : int, default 4
+
+    Returns
+    -------
+    ndarray of shape (N, C, H, W), same dtype as `x`
+    """
+    n, c, h, w = x.shape
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    flip = rng.random(n) < 0.5
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows = offsets[:, 0:1] + np.arange(h)                          # (N, H)
+    cols = offsets[:, 1:2] + np.arange(w)                          # (N, W)
+    cols[flip] = cols[flip, ::-1]
+    return padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]

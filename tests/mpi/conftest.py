@@ -1,0 +1,56 @@
+"""Run under `mpiexec -n P python -m pytest tests/mpi`: every rank runs every test.
+
+- One failing rank must never leave the others waiting in a collective: a
+  failed test prints the rank and aborts the whole job (ChainerMN's
+  global_except_hook idea, applied to pytest reports).
+- Every rank must draw the same hypothesis examples, so the MPI profile is
+  derandomized (examples are a function of the test alone, not of a random
+  seed), keeps no example database, and does not shrink (shrinking differs
+  per rank once one rank fails).
+- Only rank 0 prints pytest's report; other ranks' stdout goes to /dev/null
+  (their failures still reach stderr before the abort).
+"""
+
+import os
+import sys
+import traceback
+
+from hypothesis import HealthCheck, Phase, settings
+from mpi4py import MPI
+
+settings.register_profile(
+    "mpi",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=25,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+    print_blob=False,
+)
+settings.load_profile("mpi")
+
+WORLD = MPI.COMM_WORLD
+
+
+def pytest_configure(config):
+    if WORLD.rank != 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and WORLD.size > 1:
+        sys.stderr.write(f"\n[rank {WORLD.rank}/{WORLD.size}] {report.nodeid} failed "
+                         f"in {report.when}:\n{report.longreprtext}\n"
+                         f"[rank {WORLD.rank}] aborting the job so no rank hangs\n")
+        sys.stderr.flush()
+        WORLD.Abort(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A rank that skipped everything must still not leave before the others.
+    try:
+        WORLD.Barrier()
+    except Exception:
+        traceback.print_exc()

@@ -1,0 +1,259 @@
+"""Checkpoints: round trip, atomicity, refusal of corrupt and pickled files, exact resume."""
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from cnn import checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.optim import SGD
+
+
+@dataclass
+class Param:
+    """Stand-in for cnn.layers.Parameter (docs/cnn_contract.md)."""
+
+    name: str
+    data: np.ndarray
+    grad: np.ndarray
+
+
+def sample_state(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"features.0.weight": rng.standard_normal((4, 3, 3, 3), np.float32),
+              "classifier.bias": rng.standard_normal(10, np.float32)}
+    buffers = {"features.1.running_mean": rng.standard_normal(4, np.float32),
+               "features.1.num_batches_tracked": np.array(7, np.int64)}
+    return params, buffers
+
+
+def save_sample(path, rng=None, **overrides):
+    params, buffers = sample_state()
+    params_obj = [Param(n, a.copy(), np.ones_like(a)) for n, a in params.items()]
+    opt = SGD(params_obj, lr=0.1, momentum=0.9, nesterov=True)
+    opt.step()
+    kwargs = {"buffers": buffers, "optimizer": opt.state_dict(), "epoch": 3,
+              "iteration": 1234, "rng": rng,
+              "metadata": {"model": "vgg11", "world_size": 4, "acc": [0.5, 0.75]}}
+    kwargs.update(overrides)
+    save_checkpoint(path, params, **kwargs)
+    return params, buffers, opt.state_dict(), kwargs
+
+
+def test_round_trip(tmp_path):
+    rng = np.random.default_rng(42)
+    rng.random(5)
+    path = tmp_path / "ckpt.npz"
+    params, buffers, opt_state, kwargs = save_sample(path, rng=rng)
+    ckpt = load_checkpoint(path)
+    assert ckpt.params.keys() == params.keys() and ckpt.buffers.keys() == buffers.keys()
+    for name in params:
+        np.testing.assert_array_equal(ckpt.params[name], params[name])
+        assert ckpt.params[name].dtype == params[name].dtype
+    for name in buffers:
+        np.testing.assert_array_equal(ckpt.buffers[name], buffers[name])
+    assert (ckpt.epoch, ckpt.iteration) == (3, 1234)
+    assert ckpt.metadata == kwargs["metadata"]
+    assert ckpt.optimizer["nesterov"] is True and ckpt.optimizer["lr"] == 0.1
+    for name, v in opt_state["momentum_buffers"].items():
+        np.testing.assert_array_equal(ckpt.optimizer["momentum_buffers"][name], v)
+    # the restored generator continues the saved one's stream
+    np.testing.assert_array_equal(ckpt.rng().random(8), rng.random(8))
+
+
+def test_minimal_checkpoint_and_exact_path(tmp_path):
+    path = tmp_path / "model.ckpt"   # no .npz appended
+    save_checkpoint(path, {"w": np.arange(3.0)})
+    ckpt = load_checkpoint(path)
+    assert ckpt.optimizer is None and ckpt.rng() is None and ckpt.metadata == {}
+    assert sorted(os.listdir(tmp_path)) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.MT19937, np.random.Philox])
+def test_other_bit_generators_round_trip(tmp_path, bit_generator):
+    rng = np.random.Generator(bit_generator(5))
+    save_checkpoint(tmp_path / "c.npz", {}, rng=rng)
+    restored = load_checkpoint(tmp_path / "c.npz").rng()
+    np.testing.assert_array_equal(restored.integers(0, 1000, 20), rng.integers(0, 1000, 20))
+
+
+def test_rng_state_is_json_text_not_pickle(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {}, rng=np.random.default_rng(1))
+    with zipfile.ZipFile(path) as archive:
+        header = archive.read("checkpoint.json.npy")
+    assert b"PCG64" in header.replace(b"\x00", b"")   # stored as unicode text
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    params, *_ = save_sample(path)
+    good = path.read_bytes()
+
+    def crashing_writer(f, arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(checkpoint, "_write_arrays", crashing_writer)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": np.zeros(3)}, epoch=4)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["ckpt.npz"]      # no stray temporary file
+    np.testing.assert_array_equal(load_checkpoint(path).params["classifier.bias"],
+                                  params["classifier.bias"])
+
+
+def test_unstorable_values_are_refused_before_writing(tmp_path):
+    path = tmp_path / "c.npz"
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {"w": np.array([object()])})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {}, optimizer={"fn": print})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {}, metadata={"when": object()})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("keep", ["nothing", "100 bytes", "half", "all but the last byte"])
+def test_truncated_checkpoint_gives_clear_error(tmp_path, keep):
+    path = tmp_path / "ckpt.npz"
+    save_sample(path)
+    data = path.read_bytes()
+    cut = {"nothing": 0, "100 bytes": 100, "half": len(data) // 2,
+           "all but the last byte": len(data) - 1}[keep]
+    path.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="ckpt.npz"):
+        load_checkpoint(path)
+
+
+def test_corrupted_bytes_give_clear_error(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_sample(path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("params/features.0.weight.npy")
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    data[middle] ^= 0xFF   # one flipped byte inside an array: CRC mismatch
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="ckpt.npz"):
+        load_checkpoint(path)
+
+
+def rewrite(path, drop=(), replace=None):
+    """Copy an archive without some members, or with one member's bytes replaced."""
+    with zipfile.ZipFile(path) as archive:
+        members = {i.filename: archive.read(i) for i in archive.infolist()}
+    for name in drop:
+        del members[name]
+    members.update(replace or {})
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("member", ["params/classifier.bias.npy", "checkpoint.json.npy",
+                                    "optimizer/0.npy"])
+def test_missing_entries_give_clear_error(tmp_path, member):
+    path = tmp_path / "ckpt.npz"
+    save_sample(path)
+    rewrite(path, drop=[member])
+    with pytest.raises(CheckpointError, match="ckpt.npz.*missing"):
+        load_checkpoint(path)
+
+
+def test_header_promising_more_data_than_stored_is_refused(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_sample(path)
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }"
+    text = text.ljust(128 - 10 - 1) + b"\n"          # npy 1.0: padded to 64-byte multiple
+    header = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+    rewrite(path, replace={"params/classifier.bias.npy": header + bytes(40)})
+    with pytest.raises(CheckpointError, match="claims shape"):
+        load_checkpoint(path)
+    rewrite(path, replace={"params/classifier.bias.npy": header[:40] + b"(((\n"})
+    with pytest.raises(CheckpointError, match="ckpt.npz"):
+        load_checkpoint(path)
+
+
+def test_pickled_objects_are_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    # a plain pickle renamed .npz
+    path = tmp_path / "evil.npz"
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="evil.npz"):
+        load_checkpoint(path)
+    # a valid checkpoint whose parameter is an object array holding the exploit
+    path = tmp_path / "ckpt.npz"
+    save_sample(path)
+    with zipfile.ZipFile(path) as archive:
+        header = archive.read("checkpoint.json.npy")
+    np.savez(tmp_path / "evil2.npz", allow_pickle=True,
+             **{"params/classifier.bias": np.array([Exploit()], dtype=object)})
+    rewrite(tmp_path / "evil2.npz", replace={"checkpoint.json.npy": header})
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(tmp_path / "evil2.npz")
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(CheckpointError, match="plain.npy"):
+        load_checkpoint(tmp_path / "plain.npy")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="other.npz"):
+        load_checkpoint(tmp_path / "other.npz")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.npz")
+
+
+# --- exact resume -----------------------------------------------------------
+
+def train(params, opt, rng, steps):
+    """Least squares y = X w on fresh random batches: gradient X^T (X w - y) / n."""
+    w, b = params
+    for _ in range(steps):
+        x = rng.standard_normal((8, 5), np.float32)
+        y = x @ np.arange(5, dtype=np.float32) + 1
+        residual = x @ w.data + b.data[0] - y
+        w.grad[...] = x.T @ residual / np.float32(len(x))
+        b.grad[...] = residual.mean(keepdims=True)
+        opt.step()
+
+
+def fresh_model():
+    return [Param("linear.weight", np.zeros(5, np.float32), np.zeros(5, np.float32)),
+            Param("linear.bias", np.zeros(1, np.float32), np.zeros(1, np.float32))]
+
+
+def test_resume_from_checkpoint_is_bitwise_identical(tmp_path):
+    def make_opt(params):
+        return SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+
+    reference = fresh_model()
+    train(reference, make_opt(reference), np.random.default_rng(0), 20)
+
+    params = fresh_model()
+    opt, rng = make_opt(params), np.random.default_rng(0)
+    train(params, opt, rng, 8)
+    save_checkpoint(tmp_path / "c.npz", {p.name: p.data for p in params},
+                    optimizer=opt.state_dict(), iteration=8, rng=rng)
+    del params, opt, rng
+
+    ckpt = load_checkpoint(tmp_path / "c.npz")
+    params = fresh_model()
+    for p in params:
+        p.data[...] = ckpt.params[p.name]
+    opt = make_opt(params)
+    opt.load_state_dict(ckpt.optimizer)
+    train(params, opt, ckpt.rng(), 20 - ckpt.iteration)
+    for p, q in zip(reference, params):
+        np.testing.assert_array_equal(p.data, q.data)
