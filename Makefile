@@ -88,7 +88,7 @@ bench: build
 
 lint: build
 	$(BIN)/ruff check engine cnn bench tests setup.py
-	$(BIN)/cython-lint ext/*.pyx ext/*.pxd ext/*.pxi
+	PATH=$(BIN):$$PATH $(BIN)/cython-lint ext/*.pyx ext/*.pxd ext/*.pxi
 
 clean:
 	rm -rf build ext/*.c ext/*.so ext/.built .pytest_cache

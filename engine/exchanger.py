@@ -173,11 +173,18 @@ class Exchanger:
         Record every chunk's post and completion time (see `drain_trace`).
     close_timeout : float
         How long `close()` lets pending requests finish before failing them.
+    slice_us : int
+        Ask the kernel (Linux >= 6.12, EEVDF) for this scheduler slice for the
+        progress thread, so that it preempts busy compute threads sooner when
+        it wakes; 0 keeps the default. Ignored where unsupported.
+    nice : int
+        Nice value for the progress thread (negative values need privileges);
+        0 leaves it unchanged.
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  poll_us: int = 50, pin_cpu: int | None = None, trace: bool = False,
-                 close_timeout: float = 30.0):
+                 close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0):
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError(
                 "MPI was initialised below MPI_THREAD_MULTIPLE "
@@ -209,7 +216,7 @@ class Exchanger:
         self._closed = False
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
                                         self.poll_us, -1 if pin_cpu is None else int(pin_cpu),
-                                        bool(trace))
+                                        bool(trace), int(slice_us), int(nice))
         _LIVE.add(self)
 
     # -- context manager ------------------------------------------------------

@@ -73,6 +73,8 @@ ctypedef struct engine_t:
     int max_inflight
     long poll_us
     int pin_cpu
+    int slice_us                # requested scheduler slice (EEVDF), 0 = kernel default
+    int nice                    # nice value of the thread, 0 = unchanged
     pthread_t thread
     int thread_started
     pthread_mutex_t lock

@@ -15,14 +15,13 @@ from libc.stdio cimport snprintf
 from libc.limits cimport LLONG_MAX
 
 from mpi4py.libmpi cimport (
-    MPI_Comm, MPI_Comm_rank, MPI_Comm_size, MPI_DATATYPE_NULL, MPI_DOUBLE,
+    MPI_Comm_rank, MPI_Comm_size, MPI_DOUBLE,
     MPI_ERR_IN_STATUS, MPI_Error_string, MPI_FLOAT, MPI_IN_PLACE, MPI_LONG_LONG,
     MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce,
-    MPI_Ireduce_scatter, MPI_Request, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
+    MPI_Ireduce_scatter, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
     MPI_SUM, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
 )
 cimport mpi4py.MPI as MPI
-
 
 
 # ----------------------------------------------------------------------------
@@ -335,6 +334,11 @@ cdef void* progress_main(void* arg) noexcept nogil:
     cdef MPI_Status statuses[MAX_SLOTS]
     cdef MPI_Status round_status
     cdef cpu_set_t cpus
+    progress_set_timer_slack(1000)
+    if e.slice_us > 0:
+        progress_request_slice(<unsigned long long>e.slice_us * 1000)
+    if e.nice != 0:
+        progress_set_nice(e.nice)
     if e.pin_cpu >= 0:
         CPU_ZERO(&cpus)
         CPU_SET(e.pin_cpu, &cpus)
@@ -512,7 +516,7 @@ cdef class Engine:
     cdef object comm     # keeps the MPI communicator object alive
 
     def __cinit__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
-                  long poll_us, int pin_cpu=-1, bint trace=False):
+                  long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0):
         cdef pthread_condattr_t attr
         if max_inflight < 1 or max_inflight > MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {MAX_SLOTS}], got {max_inflight}")
@@ -529,6 +533,8 @@ cdef class Engine:
         self.e.max_inflight = max_inflight
         self.e.poll_us = poll_us
         self.e.pin_cpu = pin_cpu
+        self.e.slice_us = slice_us
+        self.e.nice = nice
         self.e.round_req = MPI_REQUEST_NULL
         pthread_mutex_init(&self.e.lock, NULL)
         pthread_condattr_init(&attr)

@@ -53,3 +53,47 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_broadcast(pthread_cond_t*)
     int pthread_getcpuclockid(pthread_t, clockid_t*)
     int pthread_setaffinity_np(pthread_t, size_t, const cpu_set_t*)
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <unistd.h>
+    #include <sys/resource.h>
+    #include <sys/syscall.h>
+
+    /* Linux >= 6.12 (EEVDF): a SCHED_OTHER thread may ask for a shorter time
+       slice, so that when it wakes it preempts a busy compute thread within
+       about that slice instead of waiting for a scheduler tick. The layout is
+       the kernel's struct sched_attr, version 0 (48 bytes). */
+    struct progress_sched_attr {
+        uint32_t size, sched_policy;
+        uint64_t sched_flags;
+        int32_t sched_nice;
+        uint32_t sched_priority;
+        uint64_t sched_runtime, sched_deadline, sched_period;
+    };
+    static int progress_request_slice(uint64_t slice_ns) {
+    #ifdef SYS_sched_setattr
+        struct progress_sched_attr a = {0};
+        a.size = sizeof(a);
+        a.sched_runtime = slice_ns;
+        return (int)syscall(SYS_sched_setattr, 0, &a, 0);
+    #else
+        (void)slice_ns;
+        return -1;
+    #endif
+    }
+    #include <sys/prctl.h>
+    /* nanosleep(poll_us) oversleeps by the timer slack (50 us by default);
+       the progress thread wants its poll interval to mean what it says. */
+    static int progress_set_timer_slack(unsigned long ns) {
+        return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0);
+    }
+    static int progress_set_nice(int nice) {
+        return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+    }
+    """
+    int progress_request_slice(unsigned long long slice_ns) nogil
+    int progress_set_nice(int nice) nogil
+    int progress_set_timer_slack(unsigned long ns) nogil

@@ -1,0 +1,535 @@
+"""Leaf layers: numba vs numpy reference, references vs finite differences.
+
+Each comparison body runs against both implementations (``impl``): the layer
+in float32 must match the float64 numpy reference. The float64 references are
+checked against central finite differences, so the chain is
+
+    numba kernel == numpy reference (float32)   and   reference == d/dx (float64).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cnn
+from cnn.layers import (
+    AvgPool2D,
+    BatchNorm2d,
+    Conv2D,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2D,
+    Linear,
+    MaxPool2D,
+    Parameter,
+    ReLU,
+)
+from cnn.layers.activation import relu_backward_reference, relu_forward_reference
+from cnn.layers.batchnorm import (
+    batch_statistics_reference,
+    batchnorm2d_backward_reference,
+    batchnorm2d_forward_reference,
+)
+from cnn.layers.conv import conv2d_backward_reference, conv2d_forward_reference
+from cnn.layers.linear import linear_backward_reference, linear_forward_reference
+from cnn.layers.pool import (
+    avgpool2d_backward_reference,
+    avgpool2d_forward_reference,
+    maxpool2d_backward_reference,
+    maxpool2d_forward_reference,
+)
+
+IMPLS = ["numba", "reference"]
+FAST = settings(max_examples=25, deadline=None)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def numerical_grad_check(loss, arrays_and_grads, rng, points=12, eps=1e-6):
+    """Compare analytic gradients with central differences of `loss()` (float64).
+
+    arrays_and_grads: (array, analytic gradient) pairs; `loss` reads the arrays,
+    which are perturbed in place at a few random positions.
+    """
+    for array, grad in arrays_and_grads:
+        flat = array.reshape(-1)
+        for k in rng.choice(flat.size, size=min(points, flat.size), replace=False):
+            old = flat[k]
+            flat[k] = old + eps
+            up = loss()
+            flat[k] = old - eps
+            down = loss()
+            flat[k] = old
+            numeric = (up - down) / (2 * eps)
+            np.testing.assert_allclose(grad.reshape(-1)[k], numeric, rtol=1e-5, atol=1e-7)
+
+
+def make_layer(layer, impl):
+    layer.reference = impl == "reference"
+    return layer
+
+
+def close32(actual, expected):
+    """float32 result vs float64 oracle."""
+    assert actual.dtype == np.float32
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+@st.composite
+def windows(draw, pool=False):
+    """A sliding-window geometry and an input shape with at least one output."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    if pool:
+        ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    else:
+        ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+    height = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 6))
+    width = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 6))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return (n, c, height, width), (kh, kw), (sh, sw), (ph, pw)
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+# ---------------------------------------------------------------------------
+# Conv2D
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@FAST
+@given(geometry=windows(), out_channels=st.integers(1, 4), bias=st.booleans(), seed=seeds)
+def test_conv2d_matches_reference(impl, geometry, out_channels, bias, seed):
+    shape, kernel, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    layer = make_layer(Conv2D(shape[1], out_channels, kernel, stride, padding, bias=bias,
+                              rng=rng), impl)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+
+    w64 = layer.weight.data.astype(np.float64)
+    b64 = layer.bias.data.astype(np.float64) if bias else None
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    close32(y, conv2d_forward_reference(x64, w64, b64, stride, padding))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, stride, padding)
+    close32(dx, dx_ref)
+    close32(layer.weight.grad, dw_ref)
+    if bias:
+        close32(layer.bias.grad, db_ref)
+
+
+@FAST
+@given(geometry=windows(), out_channels=st.integers(1, 3), seed=seeds)
+def test_conv2d_reference_gradients(geometry, out_channels, seed):
+    shape, kernel, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((out_channels, shape[1]) + kernel)
+    b = rng.standard_normal(out_channels)
+    y = conv2d_forward_reference(x, w, b, stride, padding)
+    g = rng.standard_normal(y.shape)
+    dx, dw, db = conv2d_backward_reference(g, x, w, stride, padding)
+    assert y.shape[2] == (shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    numerical_grad_check(lambda: np.sum(conv2d_forward_reference(x, w, b, stride, padding) * g),
+                         [(x, dx), (w, dw), (b, db)], rng)
+
+
+def test_conv2d_init_and_layouts():
+    layer = Conv2D(3, 8, 3, padding=1, rng=np.random.default_rng(0))
+    assert layer.weight.data.shape == (8, 3, 3, 3) and layer.bias.data.shape == (8,)
+    assert layer.weight.data.dtype == np.float32 and layer.weight.data.flags.c_contiguous
+    assert [p.name for p in layer.params] == ["weight", "bias"]
+    assert abs(layer.weight.data.std() - np.sqrt(2.0 / (8 * 9))) < 0.05
+    assert not Conv2D(3, 8, 3, bias=False).params[1:]
+
+
+def test_conv2d_skip_input_grad_and_large_batch_chunks():
+    rng = np.random.default_rng(1)
+    layer = Conv2D(4, 5, 3, stride=1, padding=1, rng=rng)
+    x = rng.standard_normal((70, 4, 6, 6)).astype(np.float32)  # several batch chunks
+    import cnn.layers.conv as conv_module
+
+    old = conv_module.CHUNK_ELEMENTS
+    conv_module.CHUNK_ELEMENTS = 36 * 36 * 8  # force ~8 samples per chunk
+    try:
+        y = layer.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = layer.backward(dy)
+        dw = layer.weight.grad.copy()
+        layer.zero_grad()
+        layer.skip_input_grad = True
+        assert layer.backward(dy) is None
+        np.testing.assert_allclose(layer.weight.grad, dw, rtol=1e-6)
+    finally:
+        conv_module.CHUNK_ELEMENTS = old
+    dx_ref, dw_ref, _ = conv2d_backward_reference(
+        dy.astype(np.float64), x.astype(np.float64), layer.weight.data.astype(np.float64),
+        (1, 1), (1, 1))
+    close32(dx, dx_ref)
+    close32(dw, dw_ref)
+
+
+# ---------------------------------------------------------------------------
+# pooling
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@FAST
+@given(geometry=windows(pool=True), seed=seeds)
+def test_pool2d_matches_reference(impl, kind, geometry, seed):
+    shape, kernel, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    cls = MaxPool2D if kind == "max" else AvgPool2D
+    layer = make_layer(cls(kernel, stride, padding), impl)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    if kind == "max":
+        y_ref, argmax = maxpool2d_forward_reference(x64, kernel, stride, padding)
+        dx_ref = maxpool2d_backward_reference(dy64, argmax, shape, kernel, stride, padding)
+    else:
+        y_ref = avgpool2d_forward_reference(x64, kernel, stride, padding)
+        dx_ref = avgpool2d_backward_reference(dy64, shape, kernel, stride, padding)
+    close32(y, y_ref)
+    close32(dx, dx_ref)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@FAST
+@given(geometry=windows(pool=True), seed=seeds)
+def test_pool2d_reference_gradients(kind, geometry, seed):
+    shape, kernel, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    x = rng.permutation(np.arange(np.prod(shape), dtype=np.float64)).reshape(shape) * 0.1
+    if kind == "max":  # distinct values 0.1 apart: no ties within eps
+        y, argmax = maxpool2d_forward_reference(x, kernel, stride, padding)
+        g = rng.standard_normal(y.shape)
+        dx = maxpool2d_backward_reference(g, argmax, shape, kernel, stride, padding)
+
+        def loss():
+            return np.sum(maxpool2d_forward_reference(x, kernel, stride, padding)[0] * g)
+    else:
+        y = avgpool2d_forward_reference(x, kernel, stride, padding)
+        g = rng.standard_normal(y.shape)
+        dx = avgpool2d_backward_reference(g, shape, kernel, stride, padding)
+
+        def loss():
+            return np.sum(avgpool2d_forward_reference(x, kernel, stride, padding) * g)
+    numerical_grad_check(loss, [(x, dx)], rng)
+
+
+def test_avgpool_counts_padding_in_divisor():
+    x = np.ones((1, 1, 2, 2), dtype=np.float32)
+    for impl in IMPLS:
+        y = make_layer(AvgPool2D(3, stride=1, padding=1), impl).forward(x)
+        np.testing.assert_allclose(y[0, 0], np.full((2, 2), 4 / 9), rtol=1e-6)
+
+
+def test_maxpool_default_stride_and_padding_is_minus_infinity():
+    x = -np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4) - 1.0
+    for impl in IMPLS:
+        y = make_layer(MaxPool2D(2), impl).forward(x)
+        np.testing.assert_array_equal(y[0, 0], [[-1, -3], [-9, -11]])
+        y = make_layer(MaxPool2D(3, stride=2, padding=1), impl).forward(x)
+        np.testing.assert_array_equal(y[0, 0], [[-1, -2], [-5, -6]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_global_avg_pool(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    layer = GlobalAvgPool2D()
+    y = layer.forward(x)
+    assert y.shape == (3, 4, 1, 1)
+    close32(y, x.astype(np.float64).mean(axis=(2, 3), keepdims=True))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    close32(layer.backward(dy), np.broadcast_to(dy / 30.0, x.shape))
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm2d
+# ---------------------------------------------------------------------------
+
+bn_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),
+                      st.integers(1, 5)).filter(lambda s: s[0] * s[2] * s[3] > 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("train", [True, False])
+@FAST
+@given(shape=bn_shapes, seed=seeds)
+def test_batchnorm_matches_reference(impl, train, shape, seed):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    layer = make_layer(BatchNorm2d(c), impl)
+    layer.weight.data[...] = rng.standard_normal(c)
+    layer.bias.data[...] = rng.standard_normal(c)
+    layer.running_mean[...] = rng.standard_normal(c)
+    layer.running_var[...] = rng.uniform(0.5, 2.0, c)
+    running_mean, running_var = layer.running_mean.copy(), layer.running_var.copy()
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
+    y = layer.forward(x, train=train)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx = layer.backward(dy)
+
+    x64 = x.astype(np.float64)
+    if train:
+        mean, var = batch_statistics_reference(x64)
+        m = x.size // c
+        close32(layer.running_mean, 0.9 * running_mean + 0.1 * mean)
+        close32(layer.running_var, 0.9 * running_var + 0.1 * var * m / (m - 1))
+        assert int(layer.num_batches_tracked) == 1
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+        np.testing.assert_array_equal(layer.running_mean, running_mean)
+        assert int(layer.num_batches_tracked) == 0
+    gamma = layer.weight.data.astype(np.float64)
+    close32(y, batchnorm2d_forward_reference(x64, gamma, layer.bias.data.astype(np.float64),
+                                             mean, var, 1e-5))
+    dx_ref, dgamma, dbeta = batchnorm2d_backward_reference(
+        dy.astype(np.float64), x64, gamma, mean, var, 1e-5, train)
+    close32(dx, dx_ref)
+    close32(layer.weight.grad, dgamma)
+    close32(layer.bias.grad, dbeta)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@FAST
+@given(shape=bn_shapes, seed=seeds)
+def test_batchnorm_reference_gradients(train, shape, seed):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape)
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    running = (rng.standard_normal(c), rng.uniform(0.5, 2.0, c))
+    g = rng.standard_normal(shape)
+
+    def stats():
+        return batch_statistics_reference(x) if train else running
+
+    def loss():
+        return np.sum(batchnorm2d_forward_reference(x, gamma, beta, *stats(), 1e-5) * g)
+
+    dx, dgamma, dbeta = batchnorm2d_backward_reference(g, x, gamma, *stats(), 1e-5, train)
+    numerical_grad_check(loss, [(x, dx), (gamma, dgamma), (beta, dbeta)], rng)
+
+
+def test_batchnorm_train_output_is_normalised_and_eval_uses_running_stats():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((8, 3, 4, 4)) * 2 + 7).astype(np.float32)
+    for impl in IMPLS:
+        layer = make_layer(BatchNorm2d(3, momentum=1.0), impl)
+        y = layer.forward(x, train=True)
+        np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+        np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, rtol=1e-3)
+        # momentum 1: the running statistics are the batch ones (var unbiased)
+        np.testing.assert_allclose(layer.running_var, x.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)
+        y_eval = layer.forward(x, train=False)
+        expected = (x - layer.running_mean[None, :, None, None]) / np.sqrt(
+            layer.running_var[None, :, None, None] + 1e-5)
+        np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-5)
+        assert int(layer.num_batches_tracked) == 1
+
+
+# ---------------------------------------------------------------------------
+# ReLU, Linear, Flatten, Dropout
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@FAST
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=seeds)
+def test_relu_matches_reference(impl, shape, seed):
+    rng = np.random.default_rng(seed)
+    layer = make_layer(ReLU(), impl)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[0] = 0.0  # the kink: gradient 0 there, as torch
+    y = layer.forward(x)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(y, relu_forward_reference(x))
+    np.testing.assert_array_equal(layer.backward(dy), relu_backward_reference(dy, y))
+    assert layer.backward(dy).reshape(-1)[0] == 0.0
+
+
+def test_relu_reference_gradient():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 7))
+    g = rng.standard_normal(x.shape)
+    dx = relu_backward_reference(g, relu_forward_reference(x))
+    numerical_grad_check(lambda: np.sum(relu_forward_reference(x) * g), [(x, dx)], rng)
+
+
+@FAST
+@given(n=st.integers(1, 5), fan_in=st.integers(1, 6), fan_out=st.integers(1, 6), seed=seeds)
+def test_linear(n, fan_in, fan_out, seed):
+    rng = np.random.default_rng(seed)
+    layer = Linear(fan_in, fan_out, rng=rng)
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(layer.weight.data).max() <= bound and layer.weight.data.shape == (fan_out, fan_in)
+    x = rng.standard_normal((n, fan_in)).astype(np.float32)
+    y = layer.forward(x)
+    assert layer.input is x or np.array_equal(layer.input, x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    w64, x64, dy64 = (a.astype(np.float64) for a in (layer.weight.data, x, dy))
+    close32(y, linear_forward_reference(x64, w64, layer.bias.data.astype(np.float64)))
+    dx_ref, dw_ref, db_ref = linear_backward_reference(dy64, x64, w64)
+    close32(dx, dx_ref)
+    close32(layer.weight.grad, dw_ref)
+    close32(layer.bias.grad, db_ref)
+    # reference vs finite differences
+    b64 = layer.bias.data.astype(np.float64)
+    numerical_grad_check(lambda: np.sum(linear_forward_reference(x64, w64, b64) * dy64),
+                         [(x64, dx_ref), (w64, dw_ref), (b64, db_ref)], rng)
+
+
+def test_linear_skip_weight_grad():
+    rng = np.random.default_rng(0)
+    layer = Linear(4, 3, rng=rng)
+    layer.skip_weight_grad = True
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    dy = rng.standard_normal((5, 3)).astype(np.float32)
+    layer.forward(x)
+    dx = layer.backward(dy)
+    assert not layer.weight.grad.any()
+    close32(layer.bias.grad, dy.astype(np.float64).sum(axis=0))
+    close32(dx, dy.astype(np.float64) @ layer.weight.data)
+    np.testing.assert_array_equal(layer.input, x)
+
+
+def test_flatten_roundtrip():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    layer = Flatten()
+    y = layer.forward(x)
+    assert y.shape == (2, 12)
+    np.testing.assert_array_equal(layer.backward(y), x)
+
+
+def test_dropout():
+    rng = np.random.default_rng(0)
+    x = np.ones((200, 50), dtype=np.float32)
+    layer = Dropout(0.25, rng=rng)
+    y = layer.forward(x, train=True)
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / 0.75)
+    assert abs(kept.mean() - 0.75) < 0.02
+    dy = np.full_like(x, 2.0)
+    np.testing.assert_array_equal(layer.backward(dy), np.where(kept, 2 / 0.75, 0).astype(np.float32))
+    np.testing.assert_array_equal(layer.forward(x, train=False), x)
+    np.testing.assert_array_equal(layer.backward(dy), dy)
+    assert not Dropout(1.0).forward(x).any()
+    np.testing.assert_array_equal(Dropout(0.0).forward(x), x)
+    with pytest.raises(ValueError):
+        Dropout(1.5)
+
+
+# ---------------------------------------------------------------------------
+# the contract: accumulation, no rebinding, zero_grad
+# ---------------------------------------------------------------------------
+
+
+def _all_param_layers():
+    rng = np.random.default_rng(0)
+    return [
+        (Conv2D(2, 3, 3, padding=1, rng=rng), (2, 2, 5, 5)),
+        (BatchNorm2d(2), (2, 2, 5, 5)),
+        (Linear(4, 3, rng=rng), (2, 4)),
+    ]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_accumulates_and_never_rebinds(impl):
+    rng = np.random.default_rng(0)
+    for layer, shape in _all_param_layers():
+        make_layer(layer, impl)
+        ids = [(id(p.data), id(p.grad)) for p in layer.params]
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = layer.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        layer.backward(dy)
+        once = [p.grad.copy() for p in layer.params]
+        layer.backward(dy)
+        for p, g in zip(layer.params, once, strict=True):
+            np.testing.assert_allclose(p.grad, 2 * g, rtol=1e-5, atol=1e-6)
+        assert ids == [(id(p.data), id(p.grad)) for p in layer.params]
+        layer.zero_grad()
+        assert all(not p.grad.any() for p in layer.params)
+        assert ids == [(id(p.data), id(p.grad)) for p in layer.params]
+
+
+def test_parameter():
+    p = Parameter("features.0.weight", np.ones((2, 3), dtype=np.float64))
+    assert p.name == "features.0.weight" and p.data.dtype == np.float32
+    assert p.grad.shape == (2, 3) and p.grad.dtype == np.float32 and not p.grad.any()
+    assert p.data.flags.c_contiguous and p.grad.flags.c_contiguous
+
+
+# ---------------------------------------------------------------------------
+# bad input: clear ValueError naming the layer, never a crash
+# ---------------------------------------------------------------------------
+
+bad_inputs = [
+    (lambda: Conv2D(3, 4, 3), np.zeros((2, 3, 8), np.float32), "Conv2D"),
+    (lambda: Conv2D(3, 4, 3), np.zeros((2, 2, 8, 8), np.float32), "3 channels"),
+    (lambda: Conv2D(3, 4, 3), np.zeros((2, 3, 8, 8), np.float64), "float32"),
+    (lambda: Conv2D(3, 4, 5), np.zeros((2, 3, 2, 2), np.float32), "smaller"),
+    (lambda: MaxPool2D(2), np.zeros((2, 3, 8), np.float32), "MaxPool2D"),
+    (lambda: MaxPool2D(3), np.zeros((1, 1, 2, 2), np.float32), "smaller"),
+    (lambda: AvgPool2D(2), np.zeros((2, 3, 4, 4), np.int32), "float32"),
+    (lambda: GlobalAvgPool2D(), np.zeros((2, 3), np.float32), "GlobalAvgPool2D"),
+    (lambda: BatchNorm2d(4), np.zeros((2, 3, 4, 4), np.float32), "4 channels"),
+    (lambda: BatchNorm2d(3), np.zeros((1, 3, 1, 1), np.float32), "more than one"),
+    (lambda: Linear(4, 2), np.zeros((2, 5), np.float32), "Linear"),
+    (lambda: Linear(4, 2), np.zeros((2, 4, 1), np.float32), "in_features"),
+    (lambda: ReLU(), np.zeros(3, np.float16), "float32"),
+    (lambda: Flatten(), np.zeros(3, np.float32), "Flatten"),
+    (lambda: Dropout(), np.zeros(3, np.float64), "float32"),
+]
+
+
+@pytest.mark.parametrize("make, x, message", bad_inputs)
+def test_bad_input_raises_value_error(make, x, message):
+    with pytest.raises(ValueError, match=message):
+        make().forward(x)
+
+
+def test_non_array_input_raises_type_error():
+    with pytest.raises(TypeError, match="ReLU"):
+        ReLU().forward([1.0, 2.0])
+
+
+def test_bad_gradient_and_backward_before_forward():
+    layer = Conv2D(1, 1, 3)
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.zeros((1, 1, 1, 1), np.float32))
+    layer.forward(np.zeros((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="gradient of shape"):
+        layer.backward(np.zeros((1, 1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        layer.backward(np.zeros((1, 1, 1, 1), np.float64))
+    with pytest.raises(ValueError, match="padding"):
+        MaxPool2D(2, padding=2)
+
+
+def test_set_num_threads():
+    import numba
+
+    cnn.set_num_threads(1)
+    assert numba.get_num_threads() == 1
+    cnn.set_num_threads(10**6)
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    with pytest.raises(ValueError):
+        cnn.set_num_threads(0)
