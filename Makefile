@@ -70,7 +70,7 @@ ext/.built: $(STAMP) setup.py $(EXT_SRC)
 	touch $@
 
 run: build
-	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --quick
+	$(MPIEXEC) -n 2 $(PY) -m engine.train
 
 test: test-serial test-1 test-2 test-3 test-4
 

@@ -1,9 +1,13 @@
 """Gradient exchange for data-parallel CNN training over MPI.
 
-The progress engine (`Exchanger`) lives here; the strategies, the trainer,
-tracing and the cost model build on it.
+- `Exchanger`: the progress engine (non-blocking collectives driven by a C thread).
+- `make_strategy`: blocking, layerwise, bucketed, priority, multistep.
+- `Trainer`: one synchronous SGD step per call, on top of a strategy.
 """
 
-from engine.exchanger import ExchangeError, Exchanger, Handle, partition
+from engine.exchanger import Exchanger, ExchangeError, Handle, partition
+from engine.strategies import make_strategy
+from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
-__all__ = ["Exchanger", "ExchangeError", "Handle", "partition"]
+__all__ = ["Exchanger", "ExchangeError", "Handle", "partition", "make_strategy", "Trainer",
+           "NonFiniteError", "ReplicaDivergenceError"]

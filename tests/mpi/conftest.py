@@ -7,14 +7,16 @@
   derandomized (examples are a function of the test alone, not of a random
   seed), keeps no example database, and does not shrink (shrinking differs
   per rank once one rank fails).
-- Only rank 0 prints pytest's report; other ranks' stdout goes to /dev/null
-  (their failures still reach stderr before the abort).
+- Only rank 0 prints pytest's report; other ranks' terminal reporter writes
+  to /dev/null (their failures still reach stderr before the abort).
 """
 
 import os
 import sys
 import traceback
 
+import pytest
+from _pytest._io import TerminalWriter
 from hypothesis import HealthCheck, Phase, settings
 from mpi4py import MPI
 
@@ -33,10 +35,11 @@ settings.load_profile("mpi")
 WORLD = MPI.COMM_WORLD
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    if WORLD.rank != 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if WORLD.rank != 0 and reporter is not None:
+        reporter._tw = TerminalWriter(open(os.devnull, "w"))   # pinned pytest: see requirements
 
 
 def pytest_runtest_logreport(report):

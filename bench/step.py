@@ -1,0 +1,144 @@
+"""One training step under real communication: iteration vs compute-only vs
+one blocking allreduce, and the overlap efficiency (ALGORITHM.md §4).
+
+    mpirun -n 2 python -m bench.step --model vgg16-cifar --strategy multistep \\
+        --batch-size-per-rank 32 --iters 10 --json
+
+Measured on every rank, reported by rank 0 as medians over `--iters` timed
+iterations after `--warmup` untimed ones:
+
+- iter_ms: `Trainer.step` with the strategy;
+- compute_ms: the same step with communication skipped (forward, backward,
+  local SGD update, same per-rank batch);
+- exposed_comm_ms = iter_ms - compute_ms;
+- comm_ms: one blocking allreduce of all gradients (one flat buffer, the
+  exchanger's chunking) on the same link;
+- overlap_efficiency = (compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms):
+  0 is no overlap, 1 the physical limit iter = max(compute, comm);
+- bytes_per_iter: bytes this rank posted to collectives per iteration;
+- progress_cpu_s: CPU seconds of the progress thread per iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import cnn
+from cnn import models
+from cnn.data import SyntheticDataset
+from cnn.losses import SoftmaxCrossEntropy
+from cnn.optim import SGD
+from engine.exchanger import Exchanger
+from engine.strategies import STRATEGIES
+from engine.trainer import Trainer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet20", choices=list(models.MODELS))
+    p.add_argument("--strategy", default="multistep", choices=list(STRATEGIES))
+    p.add_argument("--batch-size-per-rank", type=int, default=32)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--bucket-bytes", type=int, default=1 << 20)
+    p.add_argument("--json", action="store_true", help="print one JSON object (rank 0)")
+    return p.parse_args(argv)
+
+
+def batches(model, batch, count, rank):
+    data = SyntheticDataset(batch * count * 64, model.input_shape, model.num_classes, seed=1)
+    return [data[np.arange((rank * count + k) * batch, (rank * count + k + 1) * batch)]
+            for k in range(count)]
+
+
+def compute_only(model, data, warmup):
+    """Median ms of forward + backward + local update, no communication."""
+    optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = SoftmaxCrossEntropy()
+    times = []
+    for k, (x, y) in enumerate(data):
+        start = time.monotonic()
+        model.zero_grad()
+        loss.forward(model.forward(x), y)
+        model.backward(loss.backward())
+        optimizer.step()
+        if k >= warmup:
+            times.append(time.monotonic() - start)
+    return 1e3 * float(np.median(times))
+
+
+def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5):
+    """Median ms of one allreduce of n float32 values through the exchanger."""
+    buffer = np.ones(n, np.float32)
+    times = []
+    with Exchanger(comm, chunk_bytes=chunk_bytes, max_inflight=max_inflight) as ex:
+        for _ in range(reps + 1):
+            comm.Barrier()
+            start = time.monotonic()
+            ex.allreduce_async(buffer, op="mean").wait()
+            times.append(time.monotonic() - start)
+    return 1e3 * float(np.median(times[1:]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    comm = MPI.COMM_WORLD
+    cnn.set_num_threads(args.threads)
+    count = args.warmup + args.iters
+    model = models.build(args.model, seed=0)
+    data = batches(model, args.batch_size_per_rank, count, comm.rank)
+
+    comm.Barrier()
+    compute_ms = compute_only(model, data, args.warmup)
+    comm_ms = blocking_allreduce(model.num_parameters(), comm, args.chunk_bytes,
+                                 args.max_inflight)
+
+    model = models.build(args.model, seed=0)
+    options = {"bucket_bytes": args.bucket_bytes} if args.strategy == "bucketed" else {}
+    iter_times, stats0 = [], None
+    with Trainer(model, SGD(model.parameters(), lr=0.01, momentum=0.9), args.strategy, comm,
+                 chunk_bytes=args.chunk_bytes, max_inflight=args.max_inflight,
+                 **options) as trainer:
+        comm.Barrier()
+        for k, (x, y) in enumerate(data):
+            if k == args.warmup:
+                stats0 = trainer.exchanger.stats()
+            start = time.monotonic()
+            trainer.step(x, y)
+            if k >= args.warmup:
+                iter_times.append(time.monotonic() - start)
+        trainer.synchronize()
+        stats1 = trainer.exchanger.stats()
+    iter_ms = 1e3 * float(np.median(iter_times))
+    # Medians over ranks too: rank 0 reports the slowest rank's figure.
+    iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)
+                                    for v in (iter_ms, compute_ms, comm_ms))
+    result = {
+        "model": args.model, "strategy": args.strategy, "ranks": comm.size,
+        "batch_per_rank": args.batch_size_per_rank,
+        "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
+        "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
+        "overlap_efficiency": round((compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms), 3),
+        "bytes_per_iter": int((stats1["bytes_posted"] - stats0["bytes_posted"]) / args.iters),
+        "progress_cpu_s": round((stats1["progress_thread_cpu_s"] - stats0["progress_thread_cpu_s"])
+                                / args.iters, 6),
+    }
+    if comm.rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, value in result.items():
+                print(f"{key:>20}: {value}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Draw a Chrome trace written by ``engine.train --trace`` as a timeline picture.
+
+    python -m engine.plot_trace trace.json -o timeline.png [--start MS] [--end MS]
+
+One band per (rank, thread): the layers' forward (blue) and backward (orange)
+on the compute thread, the waits for communication (red), and the chunks in
+flight on the progress thread (green allreduce, purple reduce-scatter, brown
+allgather; overlapping chunks are stacked). Wherever a compute band is busy
+while the progress band is too, communication is hidden; red is exposed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COLORS = {"forward": "tab:blue", "backward": "tab:orange", "wait": "tab:red",
+          "allreduce": "tab:green", "reduce_scatter": "tab:purple", "allgather": "tab:brown"}
+THREAD_NAMES = {0: "compute", 1: "waits", 2: "progress"}
+
+
+def load_spans(path):
+    with open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def plot(spans, output, start_ms=None, end_ms=None, title=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if start_ms is not None or end_ms is not None:
+        lo = -float("inf") if start_ms is None else start_ms * 1e3
+        hi = float("inf") if end_ms is None else end_ms * 1e3
+        spans = [e for e in spans if e["ts"] + e["dur"] >= lo and e["ts"] <= hi]
+    if not spans:
+        raise SystemExit("plot_trace: no events to draw (empty trace or time window)")
+    rows = sorted({(e["pid"], e["tid"]) for e in spans})
+    row_of = {r: k for k, r in enumerate(rows)}
+    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.6 * len(rows)))
+    lanes_end: dict = {}
+    for e in sorted(spans, key=lambda e: e["ts"]):
+        row = row_of[(e["pid"], e["tid"])]
+        height, offset = 0.8, 0.0
+        if e["tid"] == 2:     # stack overlapping chunks in sub-lanes
+            lanes = lanes_end.setdefault(row, [])
+            lane = next((k for k, t in enumerate(lanes) if t <= e["ts"]), len(lanes))
+            if lane == len(lanes):
+                lanes.append(0.0)
+            lanes[lane] = e["ts"] + e["dur"]
+            height, offset = 0.8 / 4, (lane % 4) * 0.8 / 4
+        ax.broken_barh([(e["ts"] / 1e3, max(e["dur"], 1.0) / 1e3)],
+                       (row - 0.4 + offset, height), color=COLORS.get(e.get("cat"), "grey"),
+                       linewidth=0)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"rank {pid} {THREAD_NAMES.get(tid, tid)}" for pid, tid in rows])
+    ax.invert_yaxis()
+    if start_ms is not None or end_ms is not None:
+        ax.set_xlim(left=start_ms, right=end_ms)
+    ax.set_xlabel("time (ms)")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()],
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(COLORS), fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.plot_trace", description=__doc__.split("\n")[0])
+    p.add_argument("trace", help="Chrome-trace JSON from engine.train --trace")
+    p.add_argument("-o", "--output", default="timeline.png")
+    p.add_argument("--start", type=float, default=None, help="window start (ms)")
+    p.add_argument("--end", type=float, default=None, help="window end (ms)")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    plot(load_spans(args.trace), args.output, args.start, args.end, args.title or args.trace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""`layerwise`: one non-blocking allreduce per layer, posted during backprop
+(ALGORITHM.md §1.2, the HiPC'17 engine).
+
+As soon as layer i's gradients are final (grad-ready hook), they are handed to
+the progress thread, and backprop goes straight on with layer i-1. The update
+of layer i is delayed until just before layer i's forward in the next
+iteration (pre-forward hook, as PCNN's allreduce path does), so each wait
+happens as late as possible and covers only what that layer needs.
+
+Requests are posted in backprop order with one priority, so the progress
+thread serves them first come, first served; `priority` changes only that.
+"""
+
+from __future__ import annotations
+
+from .base import Hyper, Strategy
+
+
+class Layerwise(Strategy):
+    name = "layerwise"
+
+    def __init__(self, model, exchanger, optimizer):
+        super().__init__(model, exchanger, optimizer)
+        self.check_whole_parameters()
+        self.handles: dict[int, list] = {}      # layer -> handles of its parameters
+        self.hyper: Hyper | None = None
+        self.apply = True
+
+    def priority(self, i: int) -> int:
+        """Posting priority of layer i's chunks (lower is posted first)."""
+        return 0
+
+    def grad_ready(self, i: int, layer) -> None:
+        self.handles[i] = [self.exchanger.allreduce_async(p.grad, op="mean",
+                                                          priority=self.priority(i))
+                           for p in layer.params]
+
+    def finish_step(self, apply: bool) -> None:
+        self.hyper = Hyper.of(self.optimizer)    # used by the lazy updates below
+        self.apply = apply
+
+    def pre_forward(self, i: int, layer) -> None:
+        handles = self.handles.pop(i, None)
+        if handles is None:
+            return
+        for p, h in zip(layer.params, handles):
+            self.wait(h, f"allreduce layer {i}")
+            if self.apply:
+                self.update_param(p, p.grad, self.hyper)
+            p.grad.fill(0)
+
+    def synchronize(self) -> None:
+        for i in sorted(self.handles):
+            self.pre_forward(i, self.layers[i])
