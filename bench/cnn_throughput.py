@@ -1,0 +1,433 @@
+"""Training-step throughput of one CNN on the CPU: ours (numpy + numba) vs PyTorch.
+
+    python -m bench.cnn_throughput --model vgg16-cifar --batch 64 --threads 2 [--compare-torch] [--json] [--iters N] [--warmup N]
+
+Other flags: ``--json-out FILE`` also writes the JSON object to FILE,
+``--profile`` prints where our step spends its time, per layer (and PyTorch's
+top operators with ``--compare-torch``), ``--header`` prints the markdown
+table header above the row.
+
+What is timed: one full training step - ``zero_grad``, forward, softmax
+cross-entropy forward and backward, model backward, SGD (momentum 0.9) update -
+on a fixed random batch, after ``--warmup`` untimed steps. The result is the
+median over ``--iters`` steps, as images per second. PyTorch runs the same
+architecture (the modules below, with the same state_dict names; parity is
+checked by tests/test_torch_parity.py) with ``torch.set_num_threads(threads)``.
+
+Peak memory: each framework is measured in its own fresh subprocess, and the
+figure is that process's resident-set high-water mark,
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` - everything the process ever held
+at once: interpreter, libraries (numba/LLVM or libtorch), weights, gradients,
+momentum, activations and workspaces. The resident size after imports, before
+the model is built (``*_base_mb``), is reported too, so the part that belongs to
+the training step can be read off. tracemalloc would see numpy's arrays only,
+not libtorch's allocator, so it cannot compare the two.
+
+Thread settings: the child's OMP/MKL/OpenBLAS/numba thread variables are set to
+``--threads`` before anything is imported, then ``cnn.set_num_threads`` (numba
+and, through threadpoolctl, BLAS) or ``torch.set_num_threads``. Our process also
+gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it: our step alternates
+between two thread pools (numba's OpenMP workers for im2col/BN/ReLU, OpenBLAS's
+for SGEMM), and OpenMP workers that spin-wait after a kernel steal the cores
+OpenBLAS needs next (measured: resnet20 at batch 64 on 2 threads, 7x slower).
+PyTorch runs everything on one OpenMP pool and keeps its defaults.
+
+Output: without ``--json``, one markdown table row
+``| model | batch | threads | ours img/s | torch img/s | ours/torch | ours peak MB | torch peak MB |``;
+with ``--json``, one object with keys model, batch, threads, ours_img_s,
+torch_img_s, ratio, ours_peak_mb, torch_peak_mb (the torch fields are null
+without ``--compare-torch``), plus ours_base_mb, torch_base_mb, iters, warmup.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# name -> (input shape, default classes), as cnn.models.MODELS. Repeated here so
+# that the PyTorch process never imports cnn (numba would inflate its memory).
+MODELS = {
+    "digits": ((1, 8, 8), 10),
+    "lenet": ((1, 28, 28), 10),
+    "resnet20": ((3, 32, 32), 10),
+    "vgg16-cifar": ((3, 32, 32), 10),
+    "vgga": ((3, 224, 224), 1000),
+    "vgg16": ((3, 224, 224), 1000),
+    "resnet50": ((3, 224, 224), 1000),
+}
+VGG_CONFIGS = {  # as cnn.models.vgg.CONFIGS
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+TABLE_HEADER = ("| model | batch | threads | ours img/s | torch img/s | ours/torch "
+                "| ours peak MB | torch peak MB |\n|---|---|---|---|---|---|---|---|")
+
+
+# ---------------------------------------------------------------------------
+# The same architectures in PyTorch (imported lazily: torch is optional).
+# Names follow cnn/models exactly, so state dicts move between the two.
+# ---------------------------------------------------------------------------
+
+
+def build_torch_model(name, num_classes=None):
+    """The PyTorch twin of ``cnn.models.build(name)`` (same layers, same state_dict keys)."""
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    def conv_bn(in_channels, out_channels, stride):
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                             nn.BatchNorm2d(out_channels))
+
+    class BasicBlock(nn.Module):
+        expansion = 1
+
+        def __init__(self, in_channels, channels, stride=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(channels)
+            self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(channels)
+            self.relu = nn.ReLU(inplace=True)
+            needs_projection = stride != 1 or in_channels != channels
+            self.downsample = conv_bn(in_channels, channels, stride) if needs_projection else None
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
+
+    class Bottleneck(nn.Module):
+        expansion = 4
+
+        def __init__(self, in_channels, width, stride=1):
+            super().__init__()
+            out_channels = width * 4
+            self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
+            self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(out_channels)
+            self.relu = nn.ReLU(inplace=True)
+            needs_projection = stride != 1 or in_channels != out_channels
+            self.downsample = conv_bn(in_channels, out_channels, stride) if needs_projection else None
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
+
+    def stage(block, in_channels, channels, blocks, stride):
+        layers = [block(in_channels, channels, stride)]
+        layers += [block(channels * block.expansion, channels) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    class ResNet(nn.Module):
+        def __init__(self, stem, stages, features, num_classes):
+            super().__init__()
+            for key, module in stem:
+                self.add_module(key, module)
+            for index, module in enumerate(stages, start=1):
+                self.add_module(f"layer{index}", module)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(features, num_classes)
+
+        def forward(self, x):
+            for module in self.children():
+                if module is self.fc:
+                    x = torch.flatten(x, 1)
+                x = module(x)
+            return x
+
+    def vgg_features(config):
+        layers, in_channels = [], 3
+        for entry in config:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_channels, entry, 3, padding=1), nn.ReLU(inplace=True)]
+                in_channels = entry
+        return layers
+
+    class VGG(nn.Module):
+        def __init__(self, config, classifier, pool):
+            super().__init__()
+            self.features = nn.Sequential(*vgg_features(config))
+            if pool:
+                self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(*classifier)
+
+        def forward(self, x):
+            x = self.features(x)
+            if hasattr(self, "avgpool"):
+                x = self.avgpool(x)
+            return self.classifier(torch.flatten(x, 1))
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    classes = MODELS[name][1] if num_classes is None else int(num_classes)
+
+    if name == "digits":
+        return nn.Sequential(OrderedDict({
+            "conv1": nn.Conv2d(1, 16, 3, padding=1), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
+            "conv2": nn.Conv2d(16, 32, 3, padding=1), "relu2": nn.ReLU(), "flatten": nn.Flatten(),
+            "fc": nn.Linear(512, classes)}))
+    if name == "lenet":
+        return nn.Sequential(OrderedDict({
+            "conv1": nn.Conv2d(1, 6, 5, padding=2), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
+            "conv2": nn.Conv2d(6, 16, 5), "relu2": nn.ReLU(), "pool2": nn.MaxPool2d(2),
+            "flatten": nn.Flatten(), "fc1": nn.Linear(400, 120), "relu3": nn.ReLU(),
+            "fc2": nn.Linear(120, 84), "relu4": nn.ReLU(), "fc3": nn.Linear(84, classes)}))
+    if name == "resnet20":
+        stem = [("conv1", nn.Conv2d(3, 16, 3, padding=1, bias=False)),
+                ("bn1", nn.BatchNorm2d(16)), ("relu", nn.ReLU(inplace=True))]
+        stages = [stage(BasicBlock, 16, 16, 3, 1), stage(BasicBlock, 16, 32, 3, 2),
+                  stage(BasicBlock, 32, 64, 3, 2)]
+        return ResNet(stem, stages, 64, classes)
+    if name == "resnet50":
+        stem = [("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
+                ("bn1", nn.BatchNorm2d(64)), ("relu", nn.ReLU(inplace=True)),
+                ("maxpool", nn.MaxPool2d(3, stride=2, padding=1))]
+        stages = [stage(Bottleneck, 64, 64, 3, 1), stage(Bottleneck, 256, 128, 4, 2),
+                  stage(Bottleneck, 512, 256, 6, 2), stage(Bottleneck, 1024, 512, 3, 2)]
+        return ResNet(stem, stages, 2048, classes)
+    if name == "vgg16-cifar":
+        head = [nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, classes)]
+        return VGG(VGG_CONFIGS["D"], head, pool=False)
+    head = [nn.Linear(512 * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(4096, classes)]
+    return VGG(VGG_CONFIGS["D" if name == "vgg16" else "A"], head, pool=True)
+
+
+# ---------------------------------------------------------------------------
+# Measurement, one framework per fresh process
+# ---------------------------------------------------------------------------
+
+
+def _rss_mb():
+    """Current resident set size (Linux /proc; the high-water mark elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _time_steps(step, warmup, iters):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _batch(input_shape, num_classes, batch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+    return x, rng.integers(0, num_classes, batch)
+
+
+def measure_ours(args):
+    import cnn
+    from cnn.losses import SoftmaxCrossEntropy
+    from cnn.models import build
+    from cnn.optim import SGD
+
+    cnn.set_num_threads(args.threads)
+    base = _rss_mb()
+    model = build(args.model, seed=0)
+    x, labels = _batch(model.input_shape, model.num_classes, args.batch)
+    optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = SoftmaxCrossEntropy()
+
+    def step():
+        optimizer.zero_grad()
+        loss.forward(model.forward(x), labels)
+        model.backward(loss.backward())
+        optimizer.step()
+
+    seconds = _time_steps(step, args.warmup, args.iters)
+    result = {"img_s": args.batch / seconds, "peak_mb": _peak_rss_mb(), "base_mb": base}
+    if args.profile:
+        result["profile"] = _profile_ours(model, step, args.iters)
+    return result
+
+
+def _profile_ours(model, step, iters):
+    """Per-leaf forward/backward milliseconds per step, plus what is left (loss, SGD, adds)."""
+    start = time.perf_counter()
+    with model.profile() as timings:
+        for _ in range(iters):
+            step()
+    total_ms = (time.perf_counter() - start) * 1e3 / iters
+    kinds = dict(model.leaves())
+    rows = [(name, repr(kinds[name]), fwd * 1e3 / iters, bwd * 1e3 / iters)
+            for name, (fwd, bwd, _) in timings.items()]
+    accounted = sum(fwd + bwd for _, _, fwd, bwd in rows)
+    rows.append(("(rest: loss, SGD, residual adds, hooks)", "", total_ms - accounted, 0.0))
+    return {"step_ms": total_ms, "rows": rows}
+
+
+def measure_torch(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base = _rss_mb()
+    model = build_torch_model(args.model)
+    x, labels = _batch(*MODELS[args.model], args.batch)
+    x, labels = torch.from_numpy(x), torch.from_numpy(labels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    seconds = _time_steps(step, args.warmup, args.iters)
+    result = {"img_s": args.batch / seconds, "peak_mb": _peak_rss_mb(), "base_mb": base}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(max(1, min(args.iters, 3))):
+                step()
+        result["torch_profile"] = prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                            row_limit=20)
+    return result
+
+
+def run_worker(framework, args):
+    """Re-run this module in a fresh process for one framework; returns its result dict."""
+    threads = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               OPENBLAS_NUM_THREADS=threads, NUMBA_NUM_THREADS=threads)
+    if framework == "ours":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see the docstring: two pools
+    command = [sys.executable, "-m", "bench.cnn_throughput", "--worker", framework,
+               "--model", args.model, "--batch", str(args.batch), "--threads", threads,
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    if args.profile:
+        command.append("--profile")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run(command, check=False, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        sys.exit(f"cnn_throughput: the {framework} measurement failed (exit {completed.returncode})")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def print_profile(model, result, out):
+    profile = result["profile"]
+    print(f"\n{model}: {profile['step_ms']:.1f} ms per profiled step (ours)", file=out)
+    print("| layer | kind | forward ms | backward ms | % of step |\n|---|---|---|---|---|", file=out)
+    for name, kind, fwd, bwd in profile["rows"]:
+        share = 100 * (fwd + bwd) / profile["step_ms"]
+        print(f"| {name} | {kind} | {fwd:.2f} | {bwd:.2f} | {share:.1f} |", file=out)
+
+
+def table_row(record):
+    """One markdown row; memory as "peak (base after imports)"."""
+    def number(value, digits=1):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    def memory(prefix):
+        if record[f"{prefix}_peak_mb"] is None:
+            return "-"
+        return f"{record[f'{prefix}_peak_mb']:,.0f} ({record[f'{prefix}_base_mb']:,.0f} base)"
+
+    return (f"| {record['model']} | {record['batch']} | {record['threads']} "
+            f"| {number(record['ours_img_s'])} | {number(record['torch_img_s'])} "
+            f"| {number(record['ratio'], 2)} | {memory('ours')} | {memory('torch')} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vgg16-cifar", choices=MODELS)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT, caches)")
+    parser.add_argument("--compare-torch", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
+    parser.add_argument("--profile", action="store_true", help="per-layer forward/backward times")
+    parser.add_argument("--header", action="store_true", help="print the markdown table header")
+    parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.batch < 1 or args.threads < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("--batch, --threads and --iters must be >= 1, --warmup >= 0")
+
+    if args.worker:  # child process: measure and print one JSON line
+        result = (measure_ours if args.worker == "ours" else measure_torch)(args)
+        print(json.dumps(result))
+        return
+
+    if args.compare_torch and importlib.util.find_spec("torch") is None:
+        sys.exit("cnn_throughput: --compare-torch needs PyTorch, which this interpreter "
+                 f"({sys.executable}) cannot import. Run from an environment that has it, e.g. "
+                 "python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy "
+                 "numba threadpoolctl tqdm, then /tmp/torchvenv/bin/python -m bench.cnn_throughput ...")
+    ours = run_worker("ours", args)
+    theirs = run_worker("torch", args) if args.compare_torch else None
+    record = {
+        "model": args.model,
+        "batch": args.batch,
+        "threads": args.threads,
+        "ours_img_s": round(ours["img_s"], 2),
+        "torch_img_s": round(theirs["img_s"], 2) if theirs else None,
+        "ratio": round(ours["img_s"] / theirs["img_s"], 3) if theirs else None,
+        "ours_peak_mb": round(ours["peak_mb"], 1),
+        "torch_peak_mb": round(theirs["peak_mb"], 1) if theirs else None,
+        "ours_base_mb": round(ours["base_mb"], 1),
+        "torch_base_mb": round(theirs["base_mb"], 1) if theirs else None,
+        "iters": args.iters,
+        "warmup": args.warmup,
+    }
+    report = sys.stderr if args.json else sys.stdout
+    if args.profile:
+        print_profile(args.model, ours, report)
+        if theirs:
+            print(f"\n{args.model}: PyTorch operators, {min(args.iters, 3)} steps", file=report)
+            print(theirs["torch_profile"], file=report)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        if args.header:
+            print(TABLE_HEADER)
+        print(table_row(record))
+    if args.json_out:
+        directory = os.path.dirname(args.json_out)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(args.json_out, "w") as out:
+            json.dump(record, out, indent=2)
+            out.write("\n")
+
+
+if __name__ == "__main__":
+    main()
