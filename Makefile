@@ -5,7 +5,8 @@
 #   make test         serial tests, then MPI tests under 1, 2, 3 and 4 ranks
 #   make test-N       MPI tests under N ranks only (N = 1..4)
 #   make check        a tiny smoke benchmark
-#   make bench        the benchmark suite; results go to bench/results/
+#   make bench        the benchmark suite; results go to bench/results/ and the README
+#   make bench-full   the same with the 10 Gbit/s link and more iterations
 #   make lint         ruff + cython-lint
 #   make clean
 #
@@ -44,7 +45,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MPI_TEST_ENV := NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 PYTEST_MPI := -m pytest tests/mpi -q -x -p no:cacheprovider --timeout=600
 
-.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench lint clean
+.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench bench-full lint clean
 
 all: build
 
@@ -82,9 +83,13 @@ test-1 test-2 test-3 test-4: test-%: build
 
 check: build
 	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --quick --sizes 1MiB
+	$(MPIEXEC) -n 2 $(PY) -m bench.step --model digits --strategy multistep --iters 3
 
 bench: build
-	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --json-out bench/results/overlap_loopback.json
+	PY=$(PY) MPIEXEC=$(MPIEXEC) bench/suite.sh default
+
+bench-full: build
+	PY=$(PY) MPIEXEC=$(MPIEXEC) bench/suite.sh full
 
 lint: build
 	$(BIN)/ruff check engine cnn bench tests setup.py

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--json", action="store_true", help="print one JSON object (rank 0)")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
+    p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"),
+                   help="label of the link, recorded in the JSON (bench/netlink sets it)")
     return p.parse_args(argv)
 
 
@@ -122,7 +126,7 @@ def main(argv=None):
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)
                                     for v in (iter_ms, compute_ms, comm_ms))
     result = {
-        "model": args.model, "strategy": args.strategy, "ranks": comm.size,
+        "model": args.model, "strategy": args.strategy, "ranks": comm.size, "link": args.link,
         "batch_per_rank": args.batch_size_per_rank,
         "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
         "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
@@ -132,6 +136,10 @@ def main(argv=None):
                                 / args.iters, 6),
     }
     if comm.rank == 0:
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1)
         if args.json:
             print(json.dumps(result))
         else:

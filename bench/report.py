@@ -1,0 +1,172 @@
+"""Turn the JSON results in bench/results/ into tables, plots and the README's
+performance section.
+
+    python -m bench.report            # after bench/suite.sh (make bench)
+
+Reads overlap_*.json (bench.overlap), step_*.json (bench.step),
+throughput_*.json (bench.cnn_throughput); writes bench/results/summary.md,
+bench/results/overlap.png, bench/results/step.png, and replaces the text
+between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers of
+README.md with the summary. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = "bench/results"
+STRATEGIES = ["blocking", "layerwise", "bucketed", "priority", "multistep", "lazy", "ddp", "mpi4py"]
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def load(pattern):
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
+        with open(path) as f:
+            data = json.load(f)
+        out.extend(data if isinstance(data, list) else [data])
+    return out
+
+
+def link_key(link):
+    return {"loopback": 0}.get(link, 1) * 1e12 + (_rate(link) or 0)
+
+
+def _rate(link):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", link or "")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else None
+
+
+def size_label(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def overlap_section(rows):
+    if not rows:
+        return []
+    lines = ["### Engine overlap (bench/overlap.py, 2 ranks, float32 allreduce)", "",
+             "`mpiexec -n 2 python -m bench.overlap` (loopback) and "
+             "`bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.overlap` (emulated link).", "",
+             "| link | impl | size | t_pure ms | t_compute ms | t_overall ms | overlap % | thread CPU ms/op |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (link_key(r.get("link")), r["bytes"], r["impl"])):
+        lines.append(f"| {r.get('link', '?')} | {r['impl']} | {size_label(r['bytes'])} | "
+                     f"{r['t_pure_ms']:.2f} | {r['t_compute_ms']:.2f} | {r['t_overall_ms']:.2f} | "
+                     f"{r['overlap_pct']:.1f} | {r.get('progress_cpu_ms_per_op', 0):.2f} |")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (link, impl) in sorted({(r.get("link"), r["impl"]) for r in rows}, key=lambda k: (link_key(k[0]), k[1])):
+        pts = sorted((r["bytes"], r["overlap_pct"]) for r in rows
+                     if r.get("link") == link and r["impl"] == impl)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                linestyle="-" if impl == "engine" else "--", label=f"{impl}, {link}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("overlap %")
+    ax.set_ylim(0, 105)
+    ax.axhline(90, color="grey", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title("Communication hidden behind a compute loop (2 ranks)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "overlap.png"), dpi=110)
+    plt.close(fig)
+    return lines + ["", "![overlap](bench/results/overlap.png)", ""]
+
+
+def step_section(rows):
+    if not rows:
+        return []
+    lines = ["### One training step per strategy (bench/step.py, 2 ranks, 1 compute thread each)", "",
+             "`mpiexec -n 2 python -m bench.step --model M --strategy S --batch-size-per-rank 32` "
+             "(inside `bench/netlink --rate 1gbit --` for the emulated link). "
+             "Overlap efficiency = (compute + comm - iter) / min(compute, comm): "
+             "0 none, 1 the physical limit.", "",
+             "| model | link | strategy | iter ms | compute ms | comm ms | exposed comm ms | "
+             "overlap eff. | MB posted/iter | thread CPU s/iter |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    rows = sorted(rows, key=lambda r: (r["model"], link_key(r.get("link")),
+                                       order.get(r["strategy"], 99)))
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('link', '?')} | {r['strategy']} | {r['iter_ms']:.1f} | "
+                     f"{r['compute_ms']:.1f} | {r['comm_ms']:.1f} | {r['exposed_comm_ms']:.1f} | "
+                     f"{r['overlap_efficiency']:.2f} | {r['bytes_per_iter'] / 1e6:.1f} | "
+                     f"{r['progress_cpu_s']:.3f} |")
+    groups = sorted({(r["model"], r.get("link")) for r in rows}, key=lambda g: (g[0], link_key(g[1])))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.6), squeeze=False)
+    for ax, (model, link) in zip(axes[0], groups):
+        sub = [r for r in rows if r["model"] == model and r.get("link") == link]
+        ax.bar([r["strategy"] for r in sub], [r["iter_ms"] for r in sub], color="tab:blue")
+        ax.axhline(sub[0]["compute_ms"], color="tab:green", lw=1, label="compute only")
+        ax.axhline(sub[0]["compute_ms"] + sub[0]["comm_ms"], color="tab:red", lw=1,
+                   label="compute + blocking allreduce")
+        ax.set_title(f"{model}, {link}", fontsize=9)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        ax.set_ylabel("ms / iteration")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "step.png"), dpi=110)
+    plt.close(fig)
+    return lines + ["", "![step](bench/results/step.png)", ""]
+
+
+def throughput_section(rows):
+    if not rows:
+        return []
+    lines = ["### CNN throughput vs PyTorch (bench/cnn_throughput.py, one process)", "",
+             "`python -m bench.cnn_throughput --model M --batch 64 --threads T --compare-torch`", "",
+             "| model | batch | threads | ours img/s | PyTorch img/s | ratio | ours peak MB | PyTorch peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+    for r in sorted(rows, key=lambda r: (r["model"], r["threads"])):
+        lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {fmt(r['ours_img_s'], '.1f')} | "
+                     f"{fmt(r.get('torch_img_s'), '.1f')} | {fmt(r.get('ratio'), '.2f')} | "
+                     f"{fmt(r.get('ours_peak_mb'), '.0f')} | {fmt(r.get('torch_peak_mb'), '.0f')} |")
+    return lines + [""]
+
+
+def main():
+    parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
+             "10 Gbit/s link); raw JSON in `bench/results/`.", ""]
+    parts += throughput_section(load("throughput_*.json"))
+    parts += overlap_section(load("overlap_*.json"))
+    parts += step_section(load("step_*.json"))
+    text = "\n".join(parts)
+    with open(os.path.join(RESULTS, "summary.md"), "w") as f:
+        f.write(text.replace("](bench/results/", "](") + "\n")
+    if os.path.exists("README.md"):
+        with open("README.md") as f:
+            readme = f.read()
+        if BEGIN in readme and END in readme:
+            head, rest = readme.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            with open("README.md", "w") as f:
+                f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The benchmark suite behind `make bench` (default) and `make bench-full`.
+#
+#   bench/suite.sh [default|full]
+#
+# default: overlap (engine vs mpi4py) on loopback and an emulated 1 Gbit/s
+#          link; the step benchmark for every strategy on resnet20 and
+#          vgg16-cifar, 2 ranks, loopback and 1 Gbit/s; CNN throughput.
+# full:    also 10 Gbit/s links and more iterations.
+# Every run writes JSON to bench/results/; bench/report.py then writes the
+# markdown tables and plots (bench/results/summary.md, *.png) and refreshes
+# the README's performance section. Emulated links need root (bench/netlink);
+# without it those runs are skipped with a message.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-default}
+PY=${PY:-.venv/bin/python}
+MPIEXEC=${MPIEXEC:-.venv/bin/mpiexec}
+OUT=bench/results
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+# Some machines set these for old OpenBLAS builds; they slow numpy's current
+# one (tests and CI keep them).
+unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
+
+links=(loopback 1gbit)
+[ "$mode" = full ] && links+=(10gbit)
+iters=6
+[ "$mode" = full ] && iters=12
+
+netlink_ok=1
+bench/netlink --rate 1gbit -- true 2>/dev/null || { netlink_ok=0; echo "suite: emulated links unavailable (bench/netlink needs root and iproute2); running loopback only"; }
+
+run_on() {   # run_on LINK COMMAND...
+    local link=$1; shift
+    if [ "$link" = loopback ]; then "$@"; else
+        [ "$netlink_ok" = 1 ] || return 0
+        bench/netlink --rate "$link" -- "$@"
+    fi
+}
+
+for link in "${links[@]}"; do
+    echo "== overlap on $link"
+    run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.overlap --json-out "$OUT/overlap_$link.json" --link "$link"
+done
+
+for model in resnet20 vgg16-cifar; do
+    for link in "${links[@]}"; do
+        for strategy in blocking layerwise bucketed priority multistep; do
+            echo "== step $model $strategy $link"
+            run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.step --model "$model" --strategy "$strategy" \
+                --batch-size-per-rank 32 --iters "$iters" --warmup 2 --link "$link" \
+                --json-out "$OUT/step_${model}_${strategy}_${link}.json"
+        done
+    done
+done
+
+for model in resnet20 vgg16-cifar; do
+    for threads in 1 2; do
+        echo "== throughput $model threads=$threads"
+        env -u OPENBLAS_NUM_THREADS -u NUMBA_NUM_THREADS -u OMP_NUM_THREADS "$PY" -m bench.cnn_throughput \
+            --model "$model" --batch 64 --threads "$threads" --json-out "$OUT/throughput_${model}_t${threads}.json" \
+            $("$PY" -c "import torch" 2>/dev/null && echo --compare-torch)
+    done
+done
+
+"$PY" -m bench.report
