@@ -69,14 +69,16 @@ def overlap_section(rows):
     lines = ["### Engine overlap (bench/overlap.py, 2 ranks, float32 allreduce)", "",
              "`mpiexec -n 2 python -m bench.overlap` (loopback) and "
              "`bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.overlap` (emulated link).", "",
-             "| link | impl | size | t_pure ms | t_compute ms | t_overall ms | overlap % | thread CPU ms/op |",
+             "| link | impl | size | t_pure ms | t_compute ms | t_overall ms | overlap % "
+             "| thread CPU ms/op |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (link_key(r.get("link")), r["bytes"], r["impl"])):
         lines.append(f"| {r.get('link', '?')} | {r['impl']} | {size_label(r['bytes'])} | "
                      f"{r['t_pure_ms']:.2f} | {r['t_compute_ms']:.2f} | {r['t_overall_ms']:.2f} | "
                      f"{r['overlap_pct']:.1f} | {r.get('progress_cpu_ms_per_op', 0):.2f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (link, impl) in sorted({(r.get("link"), r["impl"]) for r in rows}, key=lambda k: (link_key(k[0]), k[1])):
+    series = sorted({(r.get("link"), r["impl"]) for r in rows}, key=lambda k: (link_key(k[0]), k[1]))
+    for link, impl in series:
         pts = sorted((r["bytes"], r["overlap_pct"]) for r in rows
                      if r.get("link") == link and r["impl"] == impl)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
@@ -136,7 +138,8 @@ def throughput_section(rows):
         return []
     lines = ["### CNN throughput vs PyTorch (bench/cnn_throughput.py, one process)", "",
              "`python -m bench.cnn_throughput --model M --batch 64 --threads T --compare-torch`", "",
-             "| model | batch | threads | ours img/s | PyTorch img/s | ratio | ours peak MB | PyTorch peak MB |",
+             "| model | batch | threads | ours img/s | PyTorch img/s | ratio | ours peak MB "
+             "| PyTorch peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(v, spec):
