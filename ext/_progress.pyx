@@ -321,7 +321,8 @@ cdef void abandon_all(engine_t* e) noexcept nogil:
 #  2. Non-blocking collectives only advance while someone calls into MPI, so
 #     this thread keeps testing everything in flight while Python computes.
 #  3. It must not steal a core from the compute threads: between polls it
-#     sleeps poll_us, and with nothing to do it blocks on a condition variable.
+#     backs off (1, 2, 4, ... up to poll_us microseconds after the last event),
+#     and with nothing to do it blocks on a condition variable.
 #  4. It never touches a Python object and never takes the GIL; errors are
 #     stored on the request and raised by Python at wait().
 #  5. A buffer is never released while MPI may still write to it: a request
@@ -330,6 +331,7 @@ cdef void abandon_all(engine_t* e) noexcept nogil:
 cdef void* progress_main(void* arg) noexcept nogil:
     cdef engine_t* e = <engine_t*>arg
     cdef int i, k, rc, test_rc, round_rc, outcount, flag, progressed, j
+    cdef long backoff_us = 1
     cdef int indices[MAX_SLOTS]
     cdef MPI_Status statuses[MAX_SLOTS]
     cdef MPI_Status round_status
@@ -417,10 +419,16 @@ cdef void* progress_main(void* arg) noexcept nogil:
             e.round_active = 0
             apply_round(e)
             progressed = 1
-        if not progressed and (e.nactive > 0 or e.round_active):
+        if progressed:
+            backoff_us = 1
+        elif e.nactive > 0 or e.round_active:
+            # Exponential backoff to poll_us: quick follow-ups right after
+            # something happened (the next step of a collective is often
+            # imminent), a slow steady poll while transfers run.
             pthread_mutex_unlock(&e.lock)
-            sleep_us(e.poll_us)
+            sleep_us(backoff_us)
             pthread_mutex_lock(&e.lock)
+            backoff_us = min(2 * backoff_us, e.poll_us)
 
     e.thread_cpu_seconds = thread_cpu_now()
     e.exited = 1
