@@ -1,6 +1,7 @@
-"""Training-step throughput of one CNN on the CPU: ours (numpy + numba) vs PyTorch.
+r"""Training-step throughput of one CNN on the CPU: ours (numpy + numba) vs PyTorch.
 
-    python -m bench.cnn_throughput --model vgg16-cifar --batch 64 --threads 2 [--compare-torch] [--json] [--iters N] [--warmup N]
+    python -m bench.cnn_throughput --model vgg16-cifar --batch 64 --threads 2 \
+        [--compare-torch] [--json] [--iters N] [--warmup N]
 
 Other flags: ``--json-out FILE`` also writes the JSON object to FILE,
 ``--profile`` prints where our step spends its time, per layer (and PyTorch's

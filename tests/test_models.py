@@ -78,7 +78,7 @@ def test_num_classes_and_seed():
     assert model.layers[-1].weight.shape == (7, 64)
     same = models.build("resnet20", seed=0)
     other = models.build("resnet20", seed=1)
-    for a, b, c in zip(models.build("resnet20").parameters(), same.parameters(), other.parameters()):
+    for a, b in zip(models.build("resnet20").parameters(), same.parameters()):
         np.testing.assert_array_equal(a.data, b.data)
     assert not np.array_equal(same.layers[0].weight.data, other.layers[0].weight.data)
     with pytest.raises(ValueError):
@@ -192,9 +192,9 @@ def test_hooks_fire_in_order_once_per_layer(name, batch):
     ready = [e for e in events if e[0] == "ready"]
     assert [e[1] for e in forward] == list(range(count))
     assert [e[1] for e in ready] == list(range(count))[::-1]  # last layer first
-    for _, i, layer, *rest in events:
+    for _, i, layer, *_ in events:
         assert layer is model.layers[i]
-    for _, i, layer, grads in ready:
+    for _, _, layer, grads in ready:
         for p, at_hook in zip(layer.params, grads):
             np.testing.assert_array_equal(p.grad, at_hook, err_msg=p.name)
     handle.remove()

@@ -253,7 +253,8 @@ class BasicBlock(_ResidualBlock):
     def __init__(self, in_channels, channels, stride=1, rng=None):
         super().__init__()
         self.main = [
-            self.add("conv1", Conv2D(in_channels, channels, 3, stride=stride, padding=1, bias=False, rng=rng)),
+            self.add("conv1", Conv2D(in_channels, channels, 3, stride=stride, padding=1, bias=False,
+                                     rng=rng)),
             self.add("bn1", BatchNorm2d(channels)),
             self.add("relu", ReLU()),
             self.add("conv2", Conv2D(channels, channels, 3, stride=1, padding=1, bias=False, rng=rng)),
