@@ -35,7 +35,8 @@ ctypedef struct request_t:
     int itemsize
     MPI_Datatype dtype
     MPI_Op op
-    long long chunk_elems
+    long long chunk_elems       # allreduce: elements per chunk; reduce-scatter /
+                                # allgather: elements per rank's piece of a chunk
     int nchunks
     int chunks_posted
     int chunks_done
@@ -56,6 +57,9 @@ ctypedef struct slot_t:
     int chunk
     long long nbytes
     double t_post
+    int* counts                 # reduce-scatter / allgather chunk: each rank's piece
+    int* displs                 # allgather chunk: where each piece lands in `out`
+    char* staging               # reduce-scatter chunk: the pieces packed in rank order
 
 ctypedef struct trace_event_t:
     long long seq

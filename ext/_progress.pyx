@@ -10,7 +10,7 @@ never takes the GIL.
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memset, strncpy
+from libc.string cimport memcpy, memset, strncpy
 from libc.stdio cimport snprintf
 from libc.limits cimport LLONG_MAX
 
@@ -88,6 +88,15 @@ cdef void finish_request(engine_t* e, request_t* r) noexcept nogil:
 # Posting and completing chunks (progress thread only)
 # ----------------------------------------------------------------------------
 
+cdef void free_slot_buffers(slot_t* s) noexcept nogil:
+    free(s.counts)
+    free(s.displs)
+    free(s.staging)
+    s.counts = NULL
+    s.displs = NULL
+    s.staging = NULL
+
+
 cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     """Post chunk `r.chunks_posted` of a request into a free slot. 0 on success."""
     cdef int c = r.chunks_posted
@@ -96,7 +105,12 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     cdef int k = e.nactive
     cdef MPI_Datatype dtype = r.dtype
     cdef void* send
+    cdef int p
+    cdef long long piece, packed
     e.mpi_reqs[k] = MPI_REQUEST_NULL
+    e.slots[k].counts = NULL
+    e.slots[k].displs = NULL
+    e.slots[k].staging = NULL
     if r.kind == KIND_ALLREDUCE:
         offset = c * r.chunk_elems
         n = r.count - offset
@@ -104,16 +118,51 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
             n = r.chunk_elems
         rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
                             MPI_OP_NULL if r.fault else r.op, e.comm, &e.mpi_reqs[k])
-    elif r.kind == KIND_REDUCE_SCATTER:
-        n = r.count
-        rc = MPI_Ireduce_scatter(r.buf, r.out, r.counts, dtype, r.op, e.comm, &e.mpi_reqs[k])
     else:
-        n = r.count
-        send = MPI_IN_PLACE if r.in_place else <void*>r.buf
-        rc = MPI_Iallgatherv(send, r.counts[e.rank], dtype, r.out, r.counts, r.displs,
-                             dtype, e.comm, &e.mpi_reqs[k])
+        # Chunk c of a reduce-scatter / allgather is piece c of every rank's
+        # slice: elements [c*chunk_elems, (c+1)*chunk_elems) of each block.
+        e.slots[k].counts = <int*>malloc(e.size * sizeof(int))
+        e.slots[k].displs = <int*>malloc(e.size * sizeof(int))
+        if e.slots[k].counts == NULL or e.slots[k].displs == NULL:
+            free_slot_buffers(&e.slots[k])
+            snprintf(r.errmsg, ERRMSG_LEN, b"out of memory posting chunk %d", c)
+            r.failed = 1
+            r.chunks_posted += 1
+            return -1
+        n = 0
+        offset = c * r.chunk_elems
+        for p in range(e.size):
+            piece = r.counts[p] - offset
+            piece = 0 if piece < 0 else (r.chunk_elems if piece > r.chunk_elems else piece)
+            e.slots[k].counts[p] = <int>piece
+            e.slots[k].displs[p] = <int>(r.displs[p] + offset)
+            n += piece
+        if r.kind == KIND_REDUCE_SCATTER:
+            # MPI wants the pieces contiguous in rank order: pack them.
+            e.slots[k].staging = <char*>malloc(n * r.itemsize + 1)
+            if e.slots[k].staging == NULL:
+                free_slot_buffers(&e.slots[k])
+                snprintf(r.errmsg, ERRMSG_LEN, b"out of memory packing chunk %d", c)
+                r.failed = 1
+                r.chunks_posted += 1
+                return -1
+            packed = 0
+            for p in range(e.size):
+                memcpy(e.slots[k].staging + packed * r.itemsize,
+                       r.buf + e.slots[k].displs[p] * r.itemsize,
+                       e.slots[k].counts[p] * r.itemsize)
+                packed += e.slots[k].counts[p]
+            rc = MPI_Ireduce_scatter(e.slots[k].staging, r.out + offset * r.itemsize,
+                                     e.slots[k].counts, dtype, r.op, e.comm, &e.mpi_reqs[k])
+        else:
+            send = (MPI_IN_PLACE if r.in_place else
+                    <void*>(r.buf + offset * r.itemsize))
+            rc = MPI_Iallgatherv(send, e.slots[k].counts[e.rank], dtype, r.out,
+                                 e.slots[k].counts, e.slots[k].displs, dtype, e.comm,
+                                 &e.mpi_reqs[k])
     r.chunks_posted += 1
     if rc != MPI_SUCCESS:
+        free_slot_buffers(&e.slots[k])
         record_mpi_error(r, b"posting a chunk", rc)
         return rc
     if r.t_first_post == 0.0:
@@ -143,8 +192,10 @@ cdef void divide_by_size(engine_t* e, request_t* r, int chunk) noexcept nogil:
         if n > r.chunk_elems:
             n = r.chunk_elems
     else:
-        base = r.out
-        n = r.counts[e.rank]
+        base = r.out + chunk * r.chunk_elems * r.itemsize
+        n = r.counts[e.rank] - chunk * r.chunk_elems
+        if n > r.chunk_elems:
+            n = r.chunk_elems
     if r.itemsize == 4:
         f = <float*>base
         for i in range(n):
@@ -161,6 +212,7 @@ cdef int complete_slot(engine_t* e, int k, int error_code) noexcept nogil:
     cdef double t = now()
     cdef trace_event_t* ev
     r.chunks_inflight -= 1
+    free_slot_buffers(&e.slots[k])
     e.inflight_seconds += t - e.slots[k].t_post
     if error_code != MPI_SUCCESS:
         record_mpi_error(r, b"a chunk", error_code)
@@ -611,8 +663,8 @@ cdef class Engine:
             r.nchunks = <int>((r.count + r.chunk_elems - 1) // r.chunk_elems)
         else:
             r.out = <char*>out_address
-            r.chunk_elems = r.count
-            r.nchunks = 1
+            r.chunk_elems = max(1, self.e.chunk_bytes // r.itemsize // self.size)
+            r.nchunks = <int>((counts[0] + r.chunk_elems - 1) // r.chunk_elems)
             r.counts = <int*>malloc(self.size * sizeof(int))
             r.displs = <int*>malloc(self.size * sizeof(int))
             if r.counts == NULL or r.displs == NULL:

@@ -31,6 +31,11 @@ ops = st.sampled_from(["mean", "sum"])
 chunk_sizes = st.sampled_from([8, 12, 100, 4096, 65536, 1 << 20, 4 << 20])
 
 
+def bounded(chunk_bytes, n, dtype):
+    """Tiny chunks on multi-MB arrays would mean 10^5 collectives: cap at ~256 chunks."""
+    return max(chunk_bytes, n * np.dtype(dtype).itemsize // 256)
+
+
 def contribution(n, dtype, rank, integer, salt):
     """Rank `rank`'s input: integer-valued, or random floats from a shared seed."""
     if integer:
@@ -76,6 +81,7 @@ def test_allreduce_many_arrays_any_priority_any_wait_order(sizes, dtype, op, chu
     priorities = data.draw(st.lists(st.integers(-3, 3), min_size=len(sizes), max_size=len(sizes)))
     order = data.draw(st.permutations(range(len(sizes))))
     arrays = [contribution(n, dtype, RANK, integer, salt=i) for i, n in enumerate(sizes)]
+    chunk_bytes = bounded(chunk_bytes, max(sizes), dtype)
     with Exchanger(chunk_bytes=chunk_bytes, max_inflight=max_inflight, poll_us=20) as ex:
         handles = [ex.allreduce_async(a, op=op, priority=p) for a, p in zip(arrays, priorities)]
         for i in order:
@@ -85,13 +91,14 @@ def test_allreduce_many_arrays_any_priority_any_wait_order(sizes, dtype, op, chu
     assert_same_on_every_rank(*arrays)
 
 
-@given(n=lengths, dtype=dtypes, op=ops, integer=st.booleans())
-def test_reduce_scatter_then_allgather(n, dtype, op, integer):
+@given(n=lengths, dtype=dtypes, op=ops, integer=st.booleans(), chunk_bytes=chunk_sizes,
+       max_inflight=st.integers(1, 8))
+def test_reduce_scatter_then_allgather(n, dtype, op, integer, chunk_bytes, max_inflight):
     x = contribution(n, dtype, RANK, integer, salt=5)
     offset, count = partition(n, P)[RANK]
     mine = np.empty(count, dtype)
     full = np.full(n, np.nan, dtype)
-    with Exchanger(chunk_bytes=4096) as ex:
+    with Exchanger(chunk_bytes=bounded(chunk_bytes, n, dtype), max_inflight=max_inflight) as ex:
         ex.reduce_scatter_async(x, mine, op=op).wait(WAIT_S)
         check_close(mine, expected(n, dtype, op, integer, salt=5)[offset:offset + count], integer)
         # in place: this rank's slice already sits in `full`
