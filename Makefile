@@ -8,6 +8,7 @@
 #   make bench        the benchmark suite; results go to bench/results/ and the README
 #   make bench-full   the same with the 10 Gbit/s link and more iterations
 #   make lint         ruff + cython-lint
+#   make torch        optional: PyTorch CPU for peer benchmarks and parity tests
 #   make clean
 #
 # A system MPI (clusters): make MPICC=/path/to/mpicc
@@ -45,7 +46,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MPI_TEST_ENV := NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 PYTEST_MPI := -m pytest tests/mpi -q -x -p no:cacheprovider --timeout=600
 
-.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench bench-full lint clean
+.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench bench-full torch lint clean
 
 all: build
 
@@ -90,6 +91,10 @@ bench: build
 
 bench-full: build
 	PY=$(PY) MPIEXEC=$(MPIEXEC) bench/suite.sh full
+
+# Optional: PyTorch CPU for the peer benchmarks (DDP) and the parity tests.
+torch: $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0
 
 lint: build
 	$(BIN)/ruff check engine cnn bench tests setup.py

@@ -52,6 +52,17 @@ for model in resnet20 vgg16-cifar; do
                 --batch-size-per-rank 32 --iters "$iters" --warmup 2 --link "$link" \
                 --json-out "$OUT/step_${model}_${strategy}_${link}.json"
         done
+        echo "== peers $model $link"
+        run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.peers.mpi4py_allreduce --model "$model" \
+            --batch-size-per-rank 32 --iters "$iters" --warmup 2 --link "$link" \
+            --json-out "$OUT/step_${model}_mpi4py_${link}.json"
+        if "$PY" -c "import torch" 2>/dev/null; then
+            run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.peers.ddp --model "$model" \
+                --batch-size-per-rank 32 --iters "$iters" --warmup 2 --link "$link" \
+                --json-out "$OUT/step_${model}_ddp_${link}.json"
+        else
+            echo "suite: torch not installed (make torch): no DDP row"
+        fi
     done
 done
 

@@ -1,0 +1,133 @@
+"""PyTorch DistributedDataParallel (gloo, CPU) on the same step as bench/step.py.
+
+    mpiexec -n 2 python -m bench.peers.ddp --model vgg16-cifar --batch-size-per-rank 32 --json
+    bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.peers.ddp --model vgg16-cifar
+
+The same architecture (bench.cnn_throughput.build_torch_model), per-rank batch,
+rank count and threads per rank as bench/step.py, and the same fields, so the
+README table gets a `ddp` row next to each strategy:
+
+- iter_ms: forward + backward (DDP overlaps its bucketed allreduce with
+  backward) + SGD step;
+- compute_ms: the same step on the bare module (no communication);
+- comm_ms: one blocking gloo allreduce of all gradients (one flat tensor);
+- overlap_efficiency = (compute + comm - iter) / min(compute, comm).
+mpiexec only launches the processes (ranks come from PMI_RANK / PMI_SIZE);
+all communication is gloo's TCP. Needs torch (`make torch`); without it the
+script says so and exits 0 so that suites skip it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.peers.ddp", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size-per-rank", type=int, default=32)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
+    p.add_argument("--rendezvous", default=None,
+                   help="file for torch.distributed's file:// rendezvous (default: per job in /tmp)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--json-out", metavar="FILE")
+    p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        print("bench.peers.ddp: torch is not installed (run `make torch`); skipping", file=sys.stderr)
+        return 0
+    from bench.cnn_throughput import build_torch_model
+
+    rank = int(os.environ.get("PMI_RANK", os.environ.get("RANK", 0)))
+    size = int(os.environ.get("PMI_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    # Every rank of one mpiexec job shares the launcher's process as parent.
+    path = args.rendezvous or f"/tmp/ddp-rendezvous-{os.getppid()}-{size}"
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=size)
+
+    torch.manual_seed(0)
+    model = build_torch_model(args.model)
+    shape = {"digits": (1, 8, 8), "lenet": (1, 28, 28)}.get(args.model, (3, 32, 32))
+    if args.model in ("vgg16", "vgga", "resnet50"):
+        shape = (3, 224, 224)
+    gen = torch.Generator().manual_seed(1 + rank)
+    x = torch.randn(args.batch_size_per_rank, *shape, generator=gen)
+    num_classes = model(x[:1]).shape[1]
+    y = torch.randint(0, num_classes, (args.batch_size_per_rank,), generator=gen)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def timed(step):
+        times = []
+        for k in range(args.warmup + args.iters):
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            if k >= args.warmup:
+                times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    bare_opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def bare_step():
+        bare_opt.zero_grad(set_to_none=False)
+        loss_fn(model(x), y).backward()
+        bare_opt.step()
+    compute_ms = timed(bare_step)
+
+    flat = torch.ones(sum(p.numel() for p in model.parameters()))
+    comm_ms = timed(lambda: dist.all_reduce(flat))
+
+    ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+
+    def ddp_step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(ddp(x), y).backward()
+        opt.step()
+    iter_ms = timed(ddp_step)
+
+    values = torch.tensor([iter_ms, compute_ms, comm_ms], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)     # the slowest rank's figures
+    iter_ms, compute_ms, comm_ms = values.tolist()
+    result = {
+        "model": args.model, "strategy": "ddp", "ranks": size, "link": args.link,
+        "batch_per_rank": args.batch_size_per_rank, "bucket_mb": args.bucket_mb,
+        "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
+        "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
+        "overlap_efficiency": round((compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms), 3),
+        "bytes_per_iter": 4 * flat.numel(), "progress_cpu_s": None,
+    }
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1)
+        print(json.dumps(result) if args.json else
+              "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
