@@ -1,11 +1,11 @@
 """Gradient exchange for data-parallel CNN training over MPI.
 
 - `Exchanger`: the progress engine (non-blocking collectives driven by a C thread).
-- `make_strategy`: blocking, layerwise, bucketed, priority, multistep.
+- `make_strategy`: blocking, layerwise, bucketed, priority, multistep, lazy.
 - `Trainer`: one synchronous SGD step per call, on top of a strategy.
 """
 
-from engine.exchanger import Exchanger, ExchangeError, Handle, partition
+from engine.exchanger import ExchangeError, Exchanger, Handle, partition
 from engine.strategies import make_strategy
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 

@@ -86,6 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20, help="bucketed strategy only")
+    p.add_argument("--fc-mode", default="auto",
+                   choices=("activations", "reduce_scatter", "auto"),
+                   help="multistep only: how fully-connected layers get their gradient")
+    p.add_argument("--lazy-layers", type=int, default=1,
+                   help="lazy only: input-side layers averaged every INTERVAL iterations")
+    p.add_argument("--lazy-interval", type=int, default=1,
+                   help="lazy only: the initial averaging interval")
+    p.add_argument("--lazy-fixed-interval", action="store_true",
+                   help="lazy only: keep the interval fixed instead of adapting it")
     p.add_argument("--bn-stats", default="average", choices=("average", "local"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -162,6 +171,19 @@ def make_schedule(args, total_iters: int):
     return LinearWarmup(base, args.warmup_iters) if args.warmup_iters else base
 
 
+def strategy_options(args) -> dict:
+    """The options of the chosen strategy (see `engine.strategies.make_strategy`)."""
+    if args.strategy == "bucketed":
+        return {"bucket_bytes": args.bucket_bytes}
+    if args.strategy == "multistep":
+        return {"fc_mode": args.fc_mode}
+    if args.strategy == "lazy":
+        return {"lazy_layers": args.lazy_layers, "interval": args.lazy_interval,
+                "adaptive": not args.lazy_fixed_interval,
+                "max_interval": max(16, args.lazy_interval)}
+    return {}
+
+
 def default_threads(comm) -> int:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     per_node = node.Get_size()
@@ -213,11 +235,14 @@ def run(args, comm) -> dict:
     if ckpt_path is not None and rank == 0:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
 
-    strategy_options = {"bucket_bytes": args.bucket_bytes} if args.strategy == "bucketed" else {}
-    trainer = Trainer(model, optimizer, args.strategy, comm, chunk_bytes=args.chunk_bytes,
-                      max_inflight=args.max_inflight, bn_stats=args.bn_stats,
-                      skip_nonfinite=args.skip_nonfinite, check_replicas=args.check_replicas,
-                      trace=bool(args.trace), **strategy_options)
+    try:        # a bad strategy option raises alike on every rank, before any work
+        trainer = Trainer(model, optimizer, args.strategy, comm, chunk_bytes=args.chunk_bytes,
+                          max_inflight=args.max_inflight, bn_stats=args.bn_stats,
+                          skip_nonfinite=args.skip_nonfinite,
+                          check_replicas=args.check_replicas, trace=bool(args.trace),
+                          **strategy_options(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     trainer.iteration = start
     recorder = None
     if args.trace:
@@ -271,9 +296,9 @@ def run(args, comm) -> dict:
                 if log is not None:
                     log.write(json.dumps({"kind": "eval", **metrics}) + "\n")
                     log.flush()
-                if bar is not None:
+                if bar is not None:   # tqdm.write clears the bar, prints, redraws it
                     bar.write(f"epoch {epoch} iteration {it}: held-out accuracy "
-                              f"{correct}/{n} = {100 * correct / n:.2f} %")
+                              f"{correct}/{n} = {100 * correct / n:.2f} %", file=sys.stderr)
             if ckpt_path is not None and (
                     (args.checkpoint_every and it % args.checkpoint_every == 0)
                     or (not args.checkpoint_every and end_of_epoch) or it == total):

@@ -327,6 +327,7 @@ class Trainer:
         finally:
             for h in self._hooks:
                 h.remove()
+            self.strategy.close()
             try:
                 self.exchanger.close()
             finally:

@@ -17,7 +17,13 @@ priority    layerwise, chunks of input-side        large models on a slow link: 
             ``max_inflight`` of the exchanger)
 multistep   reduce-scatter in backprop, update of  memory for optimizer state matters (1/P
             this rank's 1/P slice, allgather       per rank) or the update is costly; hides
-            overlapped with the next forward       both halves of the allreduce
+            overlapped with the next forward; FC   both halves of the allreduce; large FC
+            layers exchange activations and        layers (VGG): B (N_in + N_out) values
+            errors instead (``fc_mode``)           instead of N_in N_out
+lazy        layerwise, but the first               the input-side exchange (never hidden)
+            ``lazy_layers`` layers accumulate      dominates and a small change to the
+            locally and are averaged every         optimisation is acceptable: NOT equal to
+            ``interval`` steps (adaptive)          blocking once the interval exceeds 1
 ==========  =====================================  ==========================================
 
 Batch norm: no strategy touches BN running statistics; the `Trainer` averages
@@ -31,13 +37,15 @@ from .base import Hyper, Strategy
 from .blocking import Blocking
 from .bucketed import Bucketed
 from .layerwise import Layerwise
+from .lazy import Lazy
 from .multistep import Multistep
 from .priority import Priority
 
-__all__ = ["STRATEGIES", "Blocking", "Bucketed", "Hyper", "Layerwise", "Multistep",
+__all__ = ["STRATEGIES", "Blocking", "Bucketed", "Hyper", "Layerwise", "Lazy", "Multistep",
            "Priority", "Strategy", "make_strategy"]
 
-STRATEGIES = {cls.name: cls for cls in (Blocking, Layerwise, Bucketed, Priority, Multistep)}
+STRATEGIES = {cls.name: cls for cls in (Blocking, Layerwise, Bucketed, Priority, Multistep,
+                                         Lazy)}
 
 
 def make_strategy(name: str, model, exchanger, *, optimizer, **options) -> Strategy:
@@ -52,7 +60,8 @@ def make_strategy(name: str, model, exchanger, *, optimizer, **options) -> Strat
     optimizer : cnn.optim.SGD
         Over ``model.parameters()``, whole parameters.
     **options
-        Strategy-specific, e.g. ``bucket_bytes`` for ``bucketed``.
+        Strategy-specific, e.g. ``bucket_bytes`` for ``bucketed``, ``fc_mode`` for
+        ``multistep``, ``lazy_layers``, ``interval``, ``adaptive`` for ``lazy``.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")

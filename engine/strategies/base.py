@@ -97,6 +97,9 @@ class Strategy:
     def synchronize(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Undo what the strategy did to the model (multistep unwraps its FC layers)."""
+
     def optimizer_state_dict(self) -> dict:
         """The optimizer state over whole parameters (what a checkpoint stores)."""
         return self.optimizer.state_dict()

@@ -10,7 +10,12 @@ expectations are derived from ``comm.size``, so every P gives the same answer:
 - every strategy gives the weights `blocking` gives: bitwise at P <= 2 (a sum
   of two float32 values does not depend on order), within 1e-6 otherwise
   (MPI may associate the sums of 3-4 ranks differently for different
-  message sizes and collectives).
+  message sizes and collectives). Except `multistep` with the FC activation
+  path: its FC weight gradient is one GEMM over the global batch instead of a
+  sum of per-rank GEMMs, so it matches to float32 rounding only, at every P.
+- `lazy` with a fixed interval of 1 is `layerwise`; with an adaptive interval
+  it is a different optimisation: only replica identity and the determinism
+  of the interval are tested.
 """
 
 import zlib
@@ -21,17 +26,29 @@ from mpi4py import MPI
 
 from cnn import models
 from cnn.data import ShardedSampler, load_digits
+from cnn.layers import Linear
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
 from engine.strategies import STRATEGIES, make_strategy
+from engine.strategies.lazy import next_interval
 from engine.trainer import Trainer
 
 WORLD = MPI.COMM_WORLD
 GLOBAL_BATCH = 24            # divisible by 1, 2, 3 and 4
 STEPS = 4
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
-OPTIONS = {"blocking": {}, "layerwise": {}, "priority": {}, "multistep": {},
-           "bucketed": {"bucket_bytes": 4096}}   # several buckets on the digits model
+# Configurations tested against the oracle: name -> (strategy, options).
+CONFIGS = {
+    "blocking": ("blocking", {}),
+    "layerwise": ("layerwise", {}),
+    "priority": ("priority", {}),
+    "bucketed": ("bucketed", {"bucket_bytes": 4096}),   # several buckets on the digits model
+    "multistep": ("multistep", {}),                      # FC: activations (the default)
+    "multistep-reduce_scatter": ("multistep", {"fc_mode": "reduce_scatter"}),
+    "lazy": ("lazy", {"lazy_layers": 2, "interval": 1, "adaptive": False}),
+}
+# FC gradient from one global-batch GEMM: equal to blocking to rounding only.
+NOT_BITWISE = {"multistep"}
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +60,23 @@ def flat_weights(model):
     return np.concatenate([p.data.reshape(-1) for p in model.parameters()])
 
 
-def train_distributed(strategy, data, steps=STEPS, model_name="digits", **options):
+@pytest.fixture(scope="module")
+def images28():
+    """Random 28 x 28 images for LeNet (three FC layers): 96 samples, 10 classes."""
+    rng = np.random.default_rng(11)
+    return (rng.standard_normal((96, 1, 28, 28)).astype(np.float32),
+            rng.integers(0, 10, 96).astype(np.int64))
+
+
+def train_distributed(config, data, steps=STEPS, model_name="digits", **options):
+    strategy, defaults = CONFIGS.get(config, (config, {}))
     x, y = data
     model = models.build(model_name, seed=3)
     optimizer = SGD(model.parameters(), **HYPER)
     sampler = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size, seed=5)
     losses = []
     with Trainer(model, optimizer, strategy, chunk_bytes=2048, max_inflight=2,
-                 **{**OPTIONS.get(strategy, {}), **options}) as trainer:
+                 **{**defaults, **options}) as trainer:
         for step in range(steps):
             idx = sampler.indices(0, step)
             losses.append(trainer.step(x[idx], y[idx]))
@@ -59,10 +85,10 @@ def train_distributed(strategy, data, steps=STEPS, model_name="digits", **option
     return model, losses
 
 
-def train_single_process(data, steps=STEPS):
+def train_single_process(data, steps=STEPS, model_name="digits"):
     """The oracle: plain SGD with the whole global batch, no MPI."""
     x, y = data
-    model = models.build("digits", seed=3)
+    model = models.build(model_name, seed=3)
     optimizer = SGD(model.parameters(), **HYPER)
     loss_fn = SoftmaxCrossEntropy()
     sampler = ShardedSampler(len(x), GLOBAL_BATCH, 0, 1, seed=5)
@@ -81,9 +107,13 @@ def assert_identical_on_all_ranks(model):
     assert len(set(WORLD.allgather(digest))) == 1
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_matches_one_process_with_the_global_batch(strategy, data):
-    model, losses = train_distributed(strategy, data)
+def test_every_strategy_is_tested():
+    assert {strategy for strategy, _ in CONFIGS.values()} == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_matches_one_process_with_the_global_batch(config, data):
+    model, losses = train_distributed(config, data)
     reference, reference_losses = train_single_process(data)
     assert_identical_on_all_ranks(model)
     np.testing.assert_allclose(flat_weights(model), flat_weights(reference),
@@ -91,11 +121,15 @@ def test_matches_one_process_with_the_global_batch(strategy, data):
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - {"blocking"}))
-def test_matches_blocking(strategy, data):
-    model, losses = train_distributed(strategy, data)
+@pytest.mark.parametrize("config", sorted(set(CONFIGS) - {"blocking"}))
+def test_matches_blocking(config, data):
+    model, losses = train_distributed(config, data)
     baseline, baseline_losses = train_distributed("blocking", data)
-    if WORLD.size <= 2:
+    if config in NOT_BITWISE:
+        np.testing.assert_allclose(flat_weights(model), flat_weights(baseline),
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(losses, baseline_losses, rtol=1e-6)
+    elif WORLD.size <= 2:
         np.testing.assert_array_equal(flat_weights(model), flat_weights(baseline))
         assert losses == baseline_losses
     else:
@@ -145,3 +179,130 @@ def test_unknown_strategy_and_bad_options_are_clear_errors():
         Trainer(model, optimizer, "nope")
     with pytest.raises(ValueError, match="bad options"):
         Trainer(model, optimizer, "layerwise", bucket_bytes=10)
+
+
+# -- multistep: the fully-connected paths ----------------------------------------------
+
+@pytest.mark.parametrize("fc_mode", ["activations", "reduce_scatter", "auto"])
+def test_multistep_fc_paths_on_lenet(fc_mode, images28):
+    """Three FC layers (400x120, 120x84, 84x10): partial rows at every P."""
+    model, losses = train_distributed("multistep", images28, steps=2, model_name="lenet",
+                                      fc_mode=fc_mode)
+    reference, reference_losses = train_single_process(images28, steps=2, model_name="lenet")
+    assert_identical_on_all_ranks(model)
+    np.testing.assert_allclose(flat_weights(model), flat_weights(reference),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+
+
+def test_multistep_auto_picks_the_smaller_message_and_close_unwraps(images28):
+    x, y = images28
+    model = models.build("lenet", seed=3)
+    fcs = [layer for layer in model.layers if isinstance(layer, Linear)]
+    idx = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size).indices(0, 0)
+    with Trainer(model, SGD(model.parameters(), **HYPER), "multistep", fc_mode="auto") as t:
+        t.step(x[idx], y[idx])
+        # B = 24: B (N_in + N_out) < N_in N_out for fc1 (12,480 < 48,000) and fc2
+        # (4,896 < 10,080), not for fc3 (2,256 > 840), which reduce-scatters.
+        assert [fc.skip_weight_grad for fc in fcs] == [True, True, False]
+        assert all(not p.grad.any() for p in model.parameters())
+        t.synchronize()
+        t.check_replicas()
+    assert all("forward" not in vars(fc) and "backward" not in vars(fc)
+               and not fc.skip_weight_grad for fc in fcs)
+    model.forward(x[:2])         # plain model again: no collective, no closed exchanger
+
+
+def test_multistep_rejects_unknown_fc_mode():
+    model = models.build("digits")
+    with pytest.raises(ValueError, match="fc_mode"):
+        Trainer(model, SGD(model.parameters(), lr=0.1), "multistep", fc_mode="alltoall")
+    assert "forward" not in vars(model.layers[-1])
+
+
+# -- lazy ---------------------------------------------------------------------------------
+
+def test_next_interval_rule():
+    # both tests pass (aligned, growing accumulation): +1, capped
+    assert next_interval(3, 3, g2=1.0, a2=9.0, d2=4.0, max_interval=8) == 4
+    assert next_interval(8, 3, g2=1.0, a2=9.0, d2=4.0, max_interval=8) == 8
+    # both fail (g opposes the accumulation): -1, at least 1
+    assert next_interval(3, 2, g2=1.0, a2=0.5, d2=1.0, max_interval=8) == 2
+    assert next_interval(1, 2, g2=1.0, a2=0.5, d2=1.0, max_interval=8) == 1
+    # one passes, one fails: unchanged (angle ok: 1 + 1 <= 2.5; magnitude: 3 > 2.5)
+    assert next_interval(3, 3, g2=1.0, a2=2.5, d2=1.0, max_interval=8) == 3
+    # first step of an interval: a = g, both pass
+    assert next_interval(1, 1, g2=2.0, a2=2.0, d2=0.0, max_interval=8) == 2
+
+
+def run_lazy(data, steps, **options):
+    x, y = data
+    model = models.build("digits", seed=3)
+    sampler = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size, seed=5)
+    snapshots = []
+    with Trainer(model, SGD(model.parameters(), **HYPER), "lazy", **options) as trainer:
+        for step in range(steps):
+            idx = sampler.indices(0, step)
+            trainer.step(x[idx], y[idx])
+            trainer.synchronize()
+            snapshots.append([p.data.copy() for p in model.parameters()])
+            trainer.check_replicas()
+        history = list(trainer.strategy.history)
+    return model, snapshots, history
+
+
+def test_lazy_fixed_interval_applies_the_accumulated_average(data):
+    """interval 3, lazy_layers 1: conv1 frozen for two steps, then one SGD step
+    with the average of the summed gradients; the oracle replays this on one
+    process with the global batch."""
+    model, snapshots, history = run_lazy(data, 6, lazy_layers=1, interval=3, adaptive=False)
+    lazy_params = len(model.layers[0].params)
+    for step, weights in enumerate(snapshots):
+        before = snapshots[step - 1] if step else None
+        if before is None:
+            continue
+        moved = [not np.array_equal(w, b) for w, b in zip(weights, before)]
+        assert moved[lazy_params:] == [True] * (len(moved) - lazy_params)
+        assert moved[:lazy_params] == [step % 3 == 2] * lazy_params, step
+    assert history == [3, 3]
+
+    x, y = data
+    oracle = models.build("digits", seed=3)
+    lazy = [p for p in oracle.layers[0].params]
+    rest = [p for layer in oracle.layers[1:] for p in layer.params]
+    lazy_opt, rest_opt = SGD(lazy, **HYPER), SGD(rest, **HYPER)
+    accumulated = [np.zeros_like(p.grad) for p in lazy]
+    loss_fn = SoftmaxCrossEntropy()
+    sampler = ShardedSampler(len(x), GLOBAL_BATCH, 0, 1, seed=5)
+    for step in range(6):
+        idx = sampler.global_indices(0, step)
+        oracle.zero_grad()
+        loss_fn.forward(oracle.forward(x[idx]), y[idx])
+        oracle.backward(loss_fn.backward())
+        rest_opt.step()
+        for a, p in zip(accumulated, lazy):
+            a += p.grad
+        if step % 3 == 2:
+            lazy_opt.step({p.name: a.reshape(-1) for a, p in zip(accumulated, lazy)})
+            for a in accumulated:
+                a.fill(0)
+    np.testing.assert_allclose(flat_weights(model), flat_weights(oracle), rtol=1e-4, atol=1e-6)
+
+
+def test_lazy_adaptive_interval_is_deterministic_and_identical_on_every_rank(data):
+    model, _, history = run_lazy(data, 10, lazy_layers=2, max_interval=4)
+    again, _, history_again = run_lazy(data, 10, lazy_layers=2, max_interval=4)
+    assert history == history_again and history[0] == 2     # a = g at interval 1: both pass
+    assert all(1 <= k <= 4 for k in history)
+    assert len(set(map(tuple, WORLD.allgather(history)))) == 1
+    np.testing.assert_array_equal(flat_weights(model), flat_weights(again))
+    assert_identical_on_all_ranks(model)
+
+
+def test_lazy_rejects_bad_options():
+    model = models.build("digits")
+    optimizer = SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lazy_layers"):
+        Trainer(model, optimizer, "lazy", lazy_layers=4)
+    with pytest.raises(ValueError, match="interval"):
+        Trainer(model, optimizer, "lazy", interval=0)

@@ -8,6 +8,7 @@ from ``comm.size`` so the file passes under ``mpiexec -n 1`` to ``-n 4``.
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +151,57 @@ def test_resume_continues_exactly(strategy):
         np.testing.assert_array_equal(a.optimizer["momentum_buffers"][name],
                                       b.optimizer["momentum_buffers"][name])
     WORLD.Barrier()
+
+
+def wait_for_everyone(comm=WORLD):
+    """A barrier that sleeps instead of spinning (idle ranks leave the cores to rank 0)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("strategy", ["multistep", "layerwise"])
+def test_resume_at_a_different_rank_count(strategy):
+    """Checkpoint at P ranks and resume on rank 0 alone, and the reverse: both
+    match the uninterrupted P-rank run to float32 rounding (the global batch
+    sequence does not depend on P; the checkpoint holds whole parameters and
+    whole momentum, gathered from multistep's slices)."""
+    root = shared_tmpdir()
+    common = ["--no-progress", "--batch-size", str(GLOBAL_BATCH), "--strategy", strategy,
+              "--schedule", "constant", "--lr", "0.1", "--threads", "1"]
+
+    def run(comm, iters, name, *extra):
+        args = train.parse_args([*common, "--iters", str(iters),
+                                 "--checkpoint-dir", f"{root}/{name}", *extra])
+        return train.run(args, comm)
+
+    alone = WORLD.Split(0 if WORLD.rank == 0 else MPI.UNDEFINED, WORLD.rank)
+    run(WORLD, 6, "uninterrupted")
+    run(WORLD, 3, "shrink")                                  # P ranks ...
+    if WORLD.rank == 0:
+        run(alone, 6, "shrink", "--resume")                  # ... then 1
+        run(alone, 3, "grow")                                # 1 ...
+    wait_for_everyone()
+    run(WORLD, 6, "grow", "--resume")                        # ... then P
+    if WORLD.rank == 0:
+        alone.Free()
+        reference = load_checkpoint(f"{root}/uninterrupted/checkpoint.npz")
+        for name, ranks in (("shrink", 1), ("grow", WORLD.size)):
+            resumed = load_checkpoint(f"{root}/{name}/checkpoint.npz")
+            assert resumed.iteration == 6 and resumed.metadata["ranks"] == ranks
+            for key in reference.params:
+                np.testing.assert_allclose(resumed.params[key], reference.params[key],
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+                np.testing.assert_allclose(resumed.optimizer["momentum_buffers"][key],
+                                           reference.optimizer["momentum_buffers"][key],
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+    WORLD.Barrier()
+
+
+def test_cli_options_of_multistep_and_lazy():
+    assert run_cli("--strategy", "multistep", "--fc-mode", "auto", "--iters", "2") == 0
+    assert run_cli("--strategy", "lazy", "--lazy-layers", "2", "--iters", "3") == 0
+    assert run_cli("--strategy", "lazy", "--lazy-layers", "9", "--iters", "1") == 2
 
 
 def test_default_cli_learns_digits_and_writes_trace_and_log():

@@ -1,0 +1,578 @@
+"""The alpha-beta-gamma cost model and an event simulation of every strategy
+(ALGORITHM.md §2), for any number of ranks P.
+
+    from engine import costmodel as cm
+    layers = cm.load_profile("bench/results/profile_resnet20_b32.json")
+    net = cm.Network.from_json("bench/results/netfit_1gbit.json")
+    r = cm.simulate(layers, net, "priority", P=2)
+    r.iter_s, r.exposed_comm_s, r.overlap_efficiency
+
+Two parts, both pure Python:
+
+1. **Collective costs** (Thakur, Rabenseifner & Gropp, "Optimization of
+   collective communication operations in MPICH", IJHPCA 19(1), 2005), with
+   alpha the latency of one message (s), beta the transfer time per byte
+   (s/B), gamma the local reduction time per byte (s/B), n the bytes of the
+   whole vector, P the ranks, lg = ceil(log2 P):
+
+   ======================  =============================================  ================
+   collective              time                                           MPICH uses it
+   ======================  =============================================  ================
+   allreduce, recursive    lg (alpha + n beta + n gamma)                  n < 2 KiB
+   doubling
+   allreduce, Rabenseifner 2 lg alpha + 2 (P-1)/P n beta + (P-1)/P n gamma  n >= 2 KiB
+   allreduce, ring         2 (P-1) alpha + (same beta and gamma terms)     (option)
+   reduce-scatter,         lg alpha + (P-1)/P n (beta + gamma)            n < 512 KiB
+   recursive halving
+   reduce-scatter,         (P-1) alpha + (P-1)/P n (beta + gamma)         n >= 512 KiB
+   pairwise
+   allgather, recursive    lg alpha + (P-1)/P n beta                      n < 80 KiB
+   doubling / Bruck
+   allgather, ring         (P-1) alpha + (P-1)/P n beta                   n >= 80 KiB
+   ======================  =============================================  ================
+
+   The thresholds are MPICH's classic defaults (MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
+   = 2048, MPIR_CVAR_REDSCAT_COMMUTATIVE_LONG_MSG_SIZE = 524288,
+   MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE = 81920; MPICH 3.x ``mpir_cvars``); they are
+   fields of `Network`, so a machine file can override them. Non-power-of-two
+   P costs MPICH one extra step; the model ignores it.
+
+2. **This engine's overheads and an event simulation.** The progress thread
+   (ext/_progress.pyx) admits a request only after a negotiation round (a
+   small MIN-allreduce, `Network.round_s`), splits allreduces into chunks of
+   `Engine.chunk_bytes` (reduce-scatters and allgathers are one chunk), keeps
+   at most `Engine.max_inflight` chunks posted (the credit), and posts the next
+   chunk, lowest (priority, sequence) first, one round after a slot frees.
+   Each posted chunk costs `Network.chunk_overhead_s` on top of its collective.
+   The link is one sequential channel: a chunk starts at max(its commit time,
+   end of the previous chunk). The compute thread runs exactly the hooks of
+   the strategy (engine/strategies/*.py) and blocks where they wait.
+
+The simulation runs a few iterations back to back and reports the last one
+(the steady state, where the lazy updates and allgathers of iteration k are
+paid in the forward of k+1), as bench/step.py measures it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+__all__ = ["Engine", "LayerCost", "Network", "Result", "STRATEGIES", "allgather_time",
+           "allreduce_time", "form_buckets", "load_profile", "reduce_scatter_time",
+           "simulate"]
+
+#: strategies the engine implements, plus the paper's FC variant of multistep
+#: (activation all-to-all / error allgather instead of the FC reduce-scatter;
+#: not implemented by engine/strategies/multistep.py, modelled for comparison).
+STRATEGIES = ("blocking", "layerwise", "bucketed", "priority", "multistep")
+MODEL_ONLY_STRATEGIES = ("multistep-fc",)
+
+STATS_PRIORITY = -1          # engine/trainer.py: the loss/flag allreduce
+ROUND_BYTES = 34 * 8         # ext/_progress.pxd: NEGOTIATION_LEN long longs
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Network:
+    """One link (or one machine's interconnect) in the alpha-beta-gamma model.
+
+    Attributes
+    ----------
+    alpha : float
+        Latency per message, s.
+    beta : float
+        Transfer time per byte, s/B (1 / bandwidth).
+    gamma : float
+        Local reduction time per byte, s/B.
+    chunk_overhead_s : float
+        Extra time per chunk posted by this engine (post, test, wake), s.
+    chunk_beta : float
+        Extra time per byte of a chunk posted by this engine, s/B: a
+        non-blocking collective advances only when the progress thread polls
+        (every ``poll_us``), so a multi-step transfer is slower than the
+        blocking call the alpha-beta-gamma terms describe. Fitted by
+        bench/netfit.py; 0 for a machine file.
+    request_cpu_s : float
+        Compute-thread time lost per posted request: where the progress thread
+        has no core of its own (this 2-core machine, 2 ranks), its wake-ups,
+        negotiation rounds and polls preempt the compute threads. Measured by
+        bench/netfit.py (compute slowed down by requests in flight); 0 where
+        the engine's thread has a core to itself (PCNN pins it to one).
+    poll_s : float
+        Delay before the progress thread notices a completed round or chunk
+        (it sleeps ``poll_us`` between polls; the mean delay is half of it).
+    allreduce_large : {"rabenseifner", "ring"}
+        Latency term for large allreduces: 2 lg P alpha or 2 (P-1) alpha.
+    """
+
+    alpha: float
+    beta: float
+    gamma: float = 0.0
+    chunk_overhead_s: float = 0.0
+    chunk_beta: float = 0.0
+    request_cpu_s: float = 0.0
+    poll_s: float = 25e-6
+    allreduce_short_bytes: int = 2048
+    reduce_scatter_long_bytes: int = 524288
+    allgather_short_bytes: int = 81920
+    allreduce_large: str = "rabenseifner"
+
+    def round_s(self, P: int) -> float:
+        """One negotiation round of the engine: a 272-byte MIN-allreduce + a poll delay."""
+        return allreduce_time(ROUND_BYTES, P, self) + self.poll_s if P > 1 else 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Network:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str) -> Network:
+        with open(path) as f:
+            d = json.load(f)
+        return cls.from_dict(d.get("network", d))
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The exchanger's configuration (engine/exchanger.py, bench/step.py defaults)."""
+
+    chunk_bytes: int = 1 << 20
+    max_inflight: int = 4
+    bucket_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One parameter layer, as measured by engine/profile.py (times in seconds).
+
+    ``fwd_s`` and ``bwd_s`` include the parameter-free layers attributed to
+    this one (see engine/profile.py); ``param_bytes`` lists the gradient bytes
+    of each parameter tensor (layerwise/priority post one request per tensor).
+    """
+
+    name: str
+    index: int
+    kind: str
+    params: int
+    grad_bytes: int
+    fwd_s: float
+    bwd_s: float
+    update_s: float
+    flops_fwd: float = 0.0
+    param_bytes: tuple = ()
+    in_features: int = 0       # Linear layers: for the multistep-fc variant
+    out_features: int = 0
+
+    @property
+    def tensors(self) -> tuple:
+        return self.param_bytes or (self.grad_bytes,)
+
+
+@dataclass
+class Profile:
+    """A profile file: the layers plus what the trainer adds around them."""
+
+    layers: list
+    batch_per_rank: int = 1
+    bn_bytes: int = 0              # BN running statistics averaged after each step
+    copy_s_per_byte: float = 0.0   # packing gradients into a flat buffer
+    check_s_per_byte: float = 0.0  # the trainer's per-layer finiteness check (grad-ready hook)
+    meta: dict = field(default_factory=dict)
+
+
+def load_profile(path: str) -> Profile:
+    """Read engine/profile.py's JSON (times in ms) into a `Profile` (times in s)."""
+    with open(path) as f:
+        d = json.load(f)
+    layers = [LayerCost(name=l["name"], index=l["index"], kind=l["kind"], params=l["params"],
+                        grad_bytes=l["grad_bytes"], fwd_s=l["fwd_ms"] * 1e-3,
+                        bwd_s=l["bwd_ms"] * 1e-3, update_s=l["update_ms"] * 1e-3,
+                        flops_fwd=l.get("flops_fwd", 0.0),
+                        param_bytes=tuple(l.get("param_bytes", ())),
+                        in_features=l.get("in_features", 0), out_features=l.get("out_features", 0))
+              for l in d["layers"]]
+    return Profile(layers, d.get("batch_per_rank", 1), d.get("bn_bytes", 0),
+                   d.get("copy_s_per_byte", 0.0), d.get("check_s_per_byte", 0.0), d)
+
+
+def scale_layers(layers, *, compute: float = 1.0, batch: float = 1.0, update: float = 1.0):
+    """Layers with forward/backward times x compute x batch and update times x update.
+
+    Linear scaling in the batch is a first-order approximation (small batches
+    use the cores less well, so it overestimates small-batch times slightly).
+    """
+    return [replace(l, fwd_s=l.fwd_s * compute * batch, bwd_s=l.bwd_s * compute * batch,
+                    update_s=l.update_s * update) for l in layers]
+
+
+# ---------------------------------------------------------------------------
+# Collective costs (Thakur, Rabenseifner & Gropp 2005)
+# ---------------------------------------------------------------------------
+
+def _lg(P: int) -> int:
+    return math.ceil(math.log2(P)) if P > 1 else 0
+
+
+def allreduce_time(nbytes: float, P: int, net: Network) -> float:
+    """Seconds for an MPI allreduce of `nbytes` bytes over P ranks (see module table)."""
+    if P <= 1 or nbytes <= 0:
+        return 0.0
+    if nbytes < net.allreduce_short_bytes:
+        return _lg(P) * (net.alpha + nbytes * (net.beta + net.gamma))
+    frac = (P - 1) / P
+    latency = 2 * (P - 1) * net.alpha if net.allreduce_large == "ring" else 2 * _lg(P) * net.alpha
+    return latency + 2 * frac * nbytes * net.beta + frac * nbytes * net.gamma
+
+
+def reduce_scatter_time(nbytes: float, P: int, net: Network) -> float:
+    """Seconds for a reduce-scatter of an `nbytes`-byte vector (each rank keeps 1/P)."""
+    if P <= 1 or nbytes <= 0:
+        return 0.0
+    frac = (P - 1) / P
+    steps = _lg(P) if nbytes < net.reduce_scatter_long_bytes else P - 1
+    return steps * net.alpha + frac * nbytes * (net.beta + net.gamma)
+
+
+def allgather_time(nbytes: float, P: int, net: Network) -> float:
+    """Seconds for an allgather into an `nbytes`-byte vector (each rank brings 1/P)."""
+    if P <= 1 or nbytes <= 0:
+        return 0.0
+    frac = (P - 1) / P
+    steps = _lg(P) if nbytes < net.allgather_short_bytes else P - 1
+    return steps * net.alpha + frac * nbytes * net.beta
+
+
+def alltoall_time(nbytes_per_rank: float, P: int, net: Network) -> float:
+    """Seconds for an all-to-all where each rank holds `nbytes_per_rank` (pairwise, P-1 steps)."""
+    if P <= 1 or nbytes_per_rank <= 0:
+        return 0.0
+    return (P - 1) * net.alpha + (P - 1) / P * nbytes_per_rank * net.beta
+
+
+# ---------------------------------------------------------------------------
+# The engine's channel: negotiation, chunks, credit, priorities
+# ---------------------------------------------------------------------------
+
+class _Request:
+    __slots__ = ("seq", "priority", "chunks", "admit", "done", "remaining", "label")
+
+    def __init__(self, seq, priority, chunks, admit, label):
+        self.seq, self.priority, self.chunks, self.admit = seq, priority, chunks, admit
+        self.remaining = len(chunks)
+        self.done = admit if not chunks else math.inf
+        self.label = label
+
+
+class Channel:
+    """The progress thread and the link, simulated.
+
+    A request enqueued at time t is admitted at t + round_s (negotiation). A
+    credit slot frees round_s after its chunk finishes (the round that posts the
+    next chunk). When a slot is free, the admitted chunk with the lowest
+    (priority, seq) is committed; committed chunks cross the link one after
+    another in commit order.
+    """
+
+    def __init__(self, net: Network, P: int, engine: Engine):
+        self.net, self.P, self.engine = net, P, engine
+        self.round_s = net.round_s(P)
+        self.slots = [0.0] * max(1, engine.max_inflight)   # heap of slot-free times
+        self.waiting: deque = deque()    # requests not yet admitted (admission is FIFO)
+        self.ready: list = []            # heap of (priority, seq, chunk index, request)
+        self.link_free = 0.0
+        self.seq = 0
+        self.busy_s = 0.0                # link time used (all chunks)
+        self.log: list | None = []       # (label, start, end) when tracing
+
+    def chunk_time(self, kind: str, nbytes: float) -> float:
+        if kind == "allreduce":
+            t = allreduce_time(nbytes, self.P, self.net)
+        elif kind == "reduce_scatter":
+            t = reduce_scatter_time(nbytes, self.P, self.net)
+        elif kind == "allgather":
+            t = allgather_time(nbytes, self.P, self.net)
+        elif kind == "alltoall":
+            t = alltoall_time(nbytes, self.P, self.net)
+        else:
+            raise ValueError(kind)
+        if self.P <= 1:
+            return 0.0
+        return t + self.net.chunk_overhead_s + self.net.chunk_beta * nbytes
+
+    def enqueue(self, t: float, kind: str, nbytes: float, priority: int, label: str = "") -> _Request:
+        """Post a collective at time t (the compute thread's clock); returns its request."""
+        self.advance(t)
+        if self.P <= 1:
+            return _Request(self.seq, priority, [], t, label)
+        if kind == "allreduce":
+            n_chunks = max(1, math.ceil(nbytes / self.engine.chunk_bytes))
+            sizes = [self.engine.chunk_bytes] * (n_chunks - 1)
+            sizes.append(nbytes - self.engine.chunk_bytes * (n_chunks - 1))
+        else:
+            sizes = [nbytes]
+        chunks = [self.chunk_time(kind, s) for s in sizes]
+        r = _Request(self.seq, priority, chunks, t + self.round_s, label)
+        self.seq += 1
+        self.waiting.append(r)          # enqueue times never decrease: FIFO by admission
+        return r
+
+    def _next_decision(self) -> float:
+        """When the next chunk is committed: a free slot and an admitted chunk."""
+        if self.ready:
+            return self.slots[0]
+        return max(self.slots[0], self.waiting[0].admit)
+
+    def advance(self, until: float) -> None:
+        """Commit every chunk whose commit decision falls at or before `until`."""
+        while self.ready or self.waiting:
+            when = self._next_decision()
+            if when > until:
+                return
+            while self.waiting and self.waiting[0].admit <= when:
+                r = self.waiting.popleft()
+                for k in range(len(r.chunks)):
+                    heapq.heappush(self.ready, (r.priority, r.seq, k, r))
+            _, _, k, r = heapq.heappop(self.ready)     # lowest (priority, seq) admitted
+            start = max(when, self.link_free)
+            end = start + r.chunks[k]
+            self.link_free = end
+            self.busy_s += r.chunks[k]
+            heapq.heapreplace(self.slots, end + self.round_s)
+            r.remaining -= 1
+            if r.remaining == 0:
+                r.done = end + self.net.poll_s
+            if self.log is not None:
+                self.log.append((r.label, start, end))
+
+    def completion(self, r: _Request) -> float:
+        """When `r` completes (everything posted so far may be committed meanwhile)."""
+        while r.done == math.inf:
+            self.advance(self._next_decision())
+        return r.done
+
+
+# ---------------------------------------------------------------------------
+# The compute thread of each strategy (mirrors engine/strategies/*.py)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """What one simulated steady-state iteration costs (seconds)."""
+
+    strategy: str
+    P: int
+    iter_s: float
+    compute_s: float       # forward + backward + full local update, no communication
+    comm_s: float          # one blocking allreduce of all gradients through the engine
+    exposed_comm_s: float  # iter_s - compute_s
+    overlap_efficiency: float
+    channel_busy_s: float  # link time of this iteration's chunks
+    compute_thread_s: float  # compute-thread busy time of this iteration (no waits)
+    waits: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("strategy", "P")}
+        for k in ("iter_s", "compute_s", "comm_s", "exposed_comm_s", "channel_busy_s",
+                  "compute_thread_s"):
+            d[k.replace("_s", "_ms")] = round(1e3 * getattr(self, k), 4)
+        d["overlap_efficiency"] = round(self.overlap_efficiency, 4)
+        return d
+
+
+class _Thread:
+    """The compute thread's clock, with timed waits (Strategy.wait)."""
+
+    def __init__(self, channel: Channel):
+        self.t = 0.0
+        self.busy = 0.0
+        self.channel = channel
+        self.waited = 0.0
+
+    def compute(self, dt: float) -> None:
+        self.t += dt
+        self.busy += dt
+
+    def wait(self, r: _Request) -> None:
+        done = self.channel.completion(r)
+        if done > self.t:
+            self.waited += done - self.t
+            self.t = done
+
+    def post(self, kind, nbytes, priority, label="") -> _Request:
+        r = self.channel.enqueue(self.t, kind, nbytes, priority, label)
+        if self.channel.P > 1:
+            self.compute(self.channel.net.request_cpu_s)
+        return r
+
+
+def form_buckets(layers, bucket_bytes: int) -> list[list[int]]:
+    """Layer indices per bucket, exactly as engine/strategies/bucketed.py forms them:
+    backprop order, a bucket closes once it holds >= bucket_bytes."""
+    buckets, current, nbytes = [], [], 0
+    for i in reversed(range(len(layers))):
+        current.append(i)
+        nbytes += layers[i].grad_bytes
+        if nbytes >= bucket_bytes:
+            buckets.append(sorted(current))
+            current, nbytes = [], 0
+    if current:
+        buckets.append(sorted(current))
+    return buckets
+
+
+def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile, engine: Engine,
+               global_batch: int):
+    """One Trainer.step of `strategy` on the simulated compute thread."""
+    L = len(layers)
+    copy = prof.copy_s_per_byte
+    pending = state.setdefault("pending", {})       # layer -> requests to wait for in pre_forward
+    # ---- forward (pre_forward hooks) ----
+    for i, layer in enumerate(layers):
+        if strategy in ("layerwise", "priority"):
+            for r in pending.pop(i, ()):
+                th.wait(r)
+            if state.get("updated_lazily"):
+                th.compute(layer.update_s)
+        elif strategy == "bucketed":
+            if i in pending:
+                for r in pending.pop(i):
+                    th.wait(r)
+                th.compute(layer.update_s)
+        elif strategy in ("multistep", "multistep-fc"):
+            for r in pending.pop(i, ()):
+                th.wait(r)
+            if strategy == "multistep-fc" and layer.kind == "linear" and P > 1:
+                # all-to-all of this FC layer's input activations (B/P x N_in per rank)
+                state.setdefault("fc_act", {})[i] = th.post(
+                    "alltoall", 4 * global_batch / P * layer.in_features, i, f"a2a {i}")
+        th.compute(layer.fwd_s)
+    # ---- backward (grad_ready hooks) ----
+    rs = {}
+    for i in reversed(range(L)):
+        layer = layers[i]
+        th.compute(layer.bwd_s + prof.check_s_per_byte * layer.grad_bytes)
+        if strategy in ("layerwise", "priority"):
+            prio = i if strategy == "priority" else 0
+            pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in layer.tensors]
+        elif strategy == "bucketed":
+            for bucket in state["buckets"]:
+                if bucket[0] == i:
+                    nbytes = sum(layers[j].grad_bytes for j in bucket)
+                    th.compute(copy * nbytes)
+                    r = th.post("allreduce", nbytes, 0, f"bucket {bucket[0]}..{bucket[-1]}")
+                    for j in bucket:
+                        pending[j] = [r]
+        elif strategy in ("multistep", "multistep-fc"):
+            if strategy == "multistep-fc" and layer.kind == "linear" and P > 1:
+                # allgather of the output errors (N_out x global batch); no weight reduce-scatter
+                rs[i] = [th.post("allgather", 4 * global_batch * layer.out_features, i,
+                                 f"errors {i}")]
+            else:
+                rs[i] = [th.post("reduce_scatter", b, i, f"reduce-scatter {i}")
+                         for b in layer.tensors]
+    # ---- end_backward ----
+    total = sum(l.grad_bytes for l in layers)
+    flat = None
+    if strategy == "blocking":
+        th.compute(copy * total)
+        flat = th.post("allreduce", total, 0, "allreduce all")
+    bn = None
+    if prof.bn_bytes:
+        th.compute(copy * prof.bn_bytes)
+        bn = th.post("allreduce", prof.bn_bytes, 0, "BN statistics")
+    th.wait(th.post("allreduce", 8 * (3 + L), STATS_PRIORITY, "loss and flags"))
+    # ---- finish_step ----
+    if strategy == "blocking":
+        th.wait(flat)
+        th.compute(sum(l.update_s for l in layers))
+    elif strategy in ("layerwise", "priority"):
+        state["updated_lazily"] = True
+    elif strategy in ("multistep", "multistep-fc"):
+        for i in range(L):
+            for r in rs.get(i, ()):
+                th.wait(r)
+            if i in state.get("fc_act", {}):
+                th.wait(state["fc_act"].pop(i))
+            th.compute(layers[i].update_s / P)
+            pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in layers[i].tensors]
+    if bn is not None:
+        th.wait(bn)
+
+
+def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = Engine(),
+             profile: Profile | None = None, iterations: int = 4, global_batch: int | None = None,
+             trace: bool = False) -> Result:
+    """Predict one steady-state iteration of `strategy` on P ranks.
+
+    Parameters
+    ----------
+    layers : list of LayerCost
+        Per-rank costs at the per-rank batch (already scaled to the target).
+    net : Network
+    strategy : str
+        One of STRATEGIES or MODEL_ONLY_STRATEGIES.
+    P : int
+        Ranks.
+    engine : Engine
+    profile : Profile, optional
+        Supplies ``bn_bytes`` and ``copy_s_per_byte`` (0 if absent).
+    iterations : int
+        Back-to-back iterations simulated; the last one is reported.
+    global_batch : int, optional
+        Only for ``multistep-fc`` (activation volumes); default P x batch_per_rank.
+
+    Returns
+    -------
+    Result
+    """
+    if strategy not in STRATEGIES + MODEL_ONLY_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if P < 1:
+        raise ValueError(f"P must be >= 1, got {P}")
+    layers = list(layers)
+    prof = profile or Profile(layers)
+    if global_batch is None:
+        global_batch = P * prof.batch_per_rank
+    channel = Channel(net, P, engine)
+    channel.log = [] if trace else None
+    th = _Thread(channel)
+    state = {"buckets": form_buckets(layers, engine.bucket_bytes)}
+    starts = []
+    for _ in range(iterations):
+        starts.append((th.t, th.busy, channel.busy_s))
+        th.waited = 0.0
+        _iteration(strategy, layers, th, state, P, prof, engine, global_batch)
+    iter_s = th.t - starts[-1][0]
+    thread_s = th.busy - starts[-1][1]
+    # the last iteration's channel use: its own chunks may still run after it ends
+    busy = channel.busy_s - starts[-1][2]
+    compute_s = sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
+    comm_s = blocking_comm_time(layers, net, P, engine)
+    exposed = iter_s - compute_s
+    denominator = min(compute_s, comm_s)
+    efficiency = (compute_s + comm_s - iter_s) / denominator if denominator > 0 else 1.0
+    result = Result(strategy, P, iter_s, compute_s, comm_s, exposed, efficiency, busy, thread_s)
+    if trace:
+        result.waits = channel.log
+    return result
+
+
+def blocking_comm_time(layers, net: Network, P: int, engine: Engine = Engine()) -> float:
+    """One allreduce of all gradients through the engine, alone (bench/step.py's comm_ms)."""
+    channel = Channel(net, P, engine)
+    channel.log = None
+    r = channel.enqueue(0.0, "allreduce", sum(l.grad_bytes for l in layers), 0)
+    return channel.completion(r)
+
+
+def lower_bound(result: Result) -> float:
+    """The physical limit: neither the compute thread nor the link can be busier than the iteration."""
+    return max(result.compute_thread_s, result.channel_busy_s)
