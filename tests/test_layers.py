@@ -7,6 +7,7 @@ checked against central finite differences, so the chain is
     numba kernel == numpy reference (float32)   and   reference == d/dx (float64).
 """
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -533,3 +534,37 @@ def test_set_num_threads():
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     with pytest.raises(ValueError):
         cnn.set_num_threads(0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv2d_same_bits_run_to_run(threads):
+    """Chunks are taken by whichever thread is free, but their weight and bias
+    gradients are added in chunk order: the same bits on every run."""
+    import cnn.layers.conv as conv_module
+
+    old = conv_module.CHUNK_ELEMENTS
+    conv_module.CHUNK_ELEMENTS = 27 * 64 * 3  # ~3 samples per chunk: many chunks
+    cnn.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((37, 3, 8, 8)).astype(np.float32)
+        dy = rng.standard_normal((37, 6, 8, 8)).astype(np.float32)
+        runs = []
+        for _ in range(5):
+            layer = Conv2D(3, 6, 3, padding=1, rng=np.random.default_rng(0))
+            layer.weight.grad[...] = 0.5  # accumulates onto an existing gradient
+            y = layer.forward(x)
+            dx = layer.backward(dy)
+            runs.append([y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()])
+        for run in runs[1:]:
+            for got, first in zip(run, runs[0]):
+                assert np.array_equal(got, first)
+        dx_ref, dw_ref, db_ref = conv2d_backward_reference(
+            dy.astype(np.float64), x.astype(np.float64),
+            layer.weight.data.astype(np.float64), (1, 1), (1, 1))
+        close32(runs[0][1], dx_ref)
+        close32(runs[0][2], dw_ref + 0.5)
+        close32(runs[0][3], db_ref)
+    finally:
+        conv_module.CHUNK_ELEMENTS = old
+        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)

@@ -1,18 +1,36 @@
-"""2-D convolution as im2col + one SGEMM, col2im for the input gradient.
+"""2-D convolution as im2col + SGEMM, col2im for the input gradient.
 
-Layout of the im2col matrix ("cols"): one row per (c, i, j) filter tap, one
-column per output pixel of the whole batch, (C*kh*kw, N*H_out*W_out). Then
+Layout of the im2col matrix ("cols") of a chunk of samples: one row per
+(c, i, j) filter tap, one column per output pixel of the chunk,
+(C*kh*kw, n_chunk*H_out*W_out). Then
 
-    forward         Y  = W (O, C*kh*kw) @ cols            -> (O, N*H_out*W_out)
-    weight grad     dW = dY (O, N*P) @ cols.T             -> (O, C*kh*kw)
+    forward         Y  = W (O, C*kh*kw) @ cols            -> (O, n_chunk*H_out*W_out)
+    weight grad     dW = dY (O, n_chunk*P) @ cols.T       -> (O, C*kh*kw)
     input grad      dcols = W.T @ dY, dx = col2im(dcols)
 
-are each a single large SGEMM over the batch (no per-sample loop), and the
-channel-major Y is transposed to NCHW with the bias added on the way.
+are each one SGEMM per chunk, and the channel-major Y is transposed to NCHW
+with the bias added on the way.
+
+Threads: one thread pool only. Inside a single ``prange`` region each numba
+thread takes cache-sized chunks of samples from a shared counter and runs
+im2col, a single-threaded SGEMM (numpy's own OpenBLAS, called from numba) and
+the transposes on its own scratch. Handing each chunk from numba's pool to
+OpenBLAS's pool and back made 2 threads several times slower than 1: the two
+pools spin and park against each other. The weight and bias gradients are
+summed per chunk and the chunks added in chunk order afterwards, so the result
+is the same bits run to run for a given thread count (the chunking, hence the
+rounding, depends on the thread count).
 """
 
+import ctypes
+
+import numba
 import numpy as np
-from numba import njit, prange, uint64
+import threadpoolctl
+from llvmlite import binding as llvm
+from numba import njit, prange, types, uint64
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, Layer, Parameter, output_size, pair, scratch
@@ -90,27 +108,96 @@ def conv2d_backward_reference(dy, x, weight, stride, padding):
 
 
 # ---------------------------------------------------------------------------
-# numba kernels
+# single-threaded SGEMM callable from numba kernels
 # ---------------------------------------------------------------------------
 
+
+def _numpy_openblas():
+    """numpy's bundled OpenBLAS (ILP64, ``scipy_`` prefix and ``64_`` suffix)."""
+    for info in threadpoolctl.threadpool_info():
+        if info.get("internal_api") == "openblas":
+            lib = ctypes.CDLL(info["filepath"])
+            if hasattr(lib, "scipy_cblas_sgemm64_"):
+                return lib
+    raise ImportError("cnn.layers.conv needs numpy's bundled OpenBLAS (scipy_cblas_sgemm64_)")
+
+
+_openblas = _numpy_openblas()
+_openblas.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+_openblas.scipy_openblas_set_num_threads64_.argtypes = [ctypes.c_int]
+# Compiled kernels name the symbol, not its address, so numba's on-disk cache
+# stays valid across processes; the address is registered at every import.
+llvm.add_symbol("scipy_cblas_sgemm64_",
+                ctypes.cast(_openblas.scipy_cblas_sgemm64_, ctypes.c_void_p).value)
+_float_pointer = types.CPointer(types.float32)
+# cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+_cblas_sgemm = types.ExternalFunction("scipy_cblas_sgemm64_", types.void(
+    types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+    types.float32, _float_pointer, types.int64, _float_pointer, types.int64,
+    types.float32, _float_pointer, types.int64))
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+# Kernels called from inside a parallel region: serial themselves.
+SERIAL_OPTIONS = {**NUMBA_OPTIONS, "parallel": False}
+
+
+@intrinsic
+def _data_pointer(typingctx, array):
+    """Address of array's first element, as float32*."""
+    def codegen(context, builder, signature, args):
+        return make_array(signature.args[0])(context, builder, value=args[0]).data
+    return types.CPointer(array.dtype)(array), codegen
+
+
+@njit(**SERIAL_OPTIONS)
+def sgemm(trans_a, trans_b, alpha, a, b, beta, c):
+    """c = alpha * op(a) @ op(b) + beta * c, op = transpose where asked.
+
+    a, b, c : 2-D float32, C-contiguous. Runs on the calling thread as long
+    as OpenBLAS is limited to one thread (see `_single_threaded_blas`).
+    """
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    _cblas_sgemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                 m, n, k, np.float32(alpha), _data_pointer(a), a.shape[1],
+                 _data_pointer(b), b.shape[1], np.float32(beta), _data_pointer(c), n)
+
+
+class _single_threaded_blas:
+    """Limit OpenBLAS to one thread inside the block: its own pool must stay
+    parked while numba's threads call it. Cheaper than threadpoolctl per call."""
+
+    def __enter__(self):
+        self.saved = _openblas.scipy_openblas_get_num_threads64_()
+        if self.saved != 1:
+            _openblas.scipy_openblas_set_num_threads64_(1)
+
+    def __exit__(self, *exc):
+        if self.saved != 1:
+            _openblas.scipy_openblas_set_num_threads64_(self.saved)
+
+
+# ---------------------------------------------------------------------------
+# numba kernels: the layout steps run on one thread each, inside the parallel
+# drivers `conv2d_forward_kernel` / `conv2d_backward_kernel` below
+# ---------------------------------------------------------------------------
 
 # Inner loops index with uint64 offsets: numba checks signed indices for
 # negative (wrap-around) values on every access, which stops LLVM from
 # vectorising the copies (3-4x slower).
 
 
-@njit(**NUMBA_OPTIONS)
+@njit(**SERIAL_OPTIONS)
 def im2col(x, kh, kw, sh, sw, ph, pw, h_out, w_out, cols):
     """cols[(c*kh + i)*kw + j, (n*h_out + oh)*w_out + ow] = xpad[n, c, oh*sh + i, ow*sw + j].
 
     x : (N, C, H, W) float32; cols : (C*kh*kw, N*h_out*w_out) float32, written.
-    Parallel over the rows (filter taps): each thread writes whole rows.
     """
     n_batch, channels, height, width = x.shape
     plane = h_out * w_out
     step = uint64(sw)
     flat_x = x.reshape(-1)
-    for row in prange(channels * kh * kw):
+    for row in range(channels * kh * kw):
         c = row // (kh * kw)
         i = (row // kw) % kh
         j = row % kw
@@ -142,18 +229,17 @@ def im2col(x, kh, kw, sh, sw, ph, pw, h_out, w_out, cols):
                     dst[start + k] = 0.0
 
 
-@njit(**NUMBA_OPTIONS)
+@njit(**SERIAL_OPTIONS)
 def col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx):
     """Adjoint of `im2col`: dx[n, c] = sum of the cols entries read from it.
 
     cols : (C*kh*kw, N*h_out*w_out) float32; dx : (N, C, H, W) float32, written.
-    Parallel over (n, c) planes, so no two threads add into the same element.
     """
     n_batch, channels, height, width = dx.shape
     plane = h_out * w_out
     step = uint64(sw)
     flat_dx = dx.reshape(-1)
-    for nc in prange(n_batch * channels):
+    for nc in range(n_batch * channels):
         n = nc // channels
         c = nc % channels
         base = uint64(nc * height * width)
@@ -180,26 +266,25 @@ def col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx):
                             flat_dx[write + k * step] += src[at + k]
 
 
-@njit(**NUMBA_OPTIONS)
+@njit(**SERIAL_OPTIONS)
 def channel_major_to_nchw(y2, bias, y):
     """y[n, o, p] = y2[o, n*P + p] + bias[o]; y2 (O, N*P), y (N, O, P)."""
     n_batch, channels, plane = y.shape
-    for no in prange(n_batch * channels):
-        n = no // channels
-        o = no % channels
-        b = bias[o]
-        src = y2[o]
-        dst = y[n, o]
+    for n in range(n_batch):
         at = uint64(n * plane)
-        for p in range(uint64(plane)):
-            dst[p] = src[at + p] + b
+        for o in range(channels):
+            b = bias[o]
+            src = y2[o]
+            dst = y[n, o]
+            for p in range(uint64(plane)):
+                dst[p] = src[at + p] + b
 
 
-@njit(**NUMBA_OPTIONS)
+@njit(**SERIAL_OPTIONS)
 def nchw_to_channel_major(dy, dy2, dbias):
-    """dy2[o, n*P + p] = dy[n, o, p] and dbias[o] = sum over n, p of dy."""
+    """dy2[o, n*P + p] = dy[n, o, p]; dbias[o] += sum over n, p of dy (accumulated)."""
     n_batch, channels, plane = dy.shape
-    for o in prange(channels):
+    for o in range(channels):
         total = 0.0
         dst = dy2[o]
         for n in range(n_batch):
@@ -211,22 +296,132 @@ def nchw_to_channel_major(dy, dy2, dbias):
                 dst[at + p] = v
                 partial += v
             total += partial
-        dbias[o] = total
+        dbias[o] += total
+
+
+@intrinsic
+def _take_chunk(typingctx, counter):
+    """Atomically counter[0] += 1 and return the old value: the next chunk to do."""
+    def codegen(context, builder, signature, args):
+        data = make_array(signature.args[0])(context, builder, value=args[0]).data
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", data, one, "monotonic")
+    return types.int64(counter), codegen
+
+
+@njit(**NUMBA_OPTIONS)
+def conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out, chunk,
+                          cols_scratch, y2_scratch, y):
+    """y = conv(x) for the whole batch, chunk by chunk.
+
+    x : (N, C, H, W); weight : (O, C*kh*kw); bias : (O,); y : (N, O, h_out*w_out), written.
+    cols_scratch : (workers, >= C*kh*kw*chunk*P), y2_scratch : (workers, >= O*chunk*P):
+    one row per worker (thread). Workers take chunks of `chunk` samples from a
+    shared counter, so a thread that the OS (or the communication thread)
+    holds up leaves its share to the others instead of stalling them.
+    """
+    n = x.shape[0]
+    channels_out, taps = weight.shape
+    plane = h_out * w_out
+    n_chunks = (n + chunk - 1) // chunk
+    counter = np.zeros(1, dtype=np.int64)
+    for worker in prange(cols_scratch.shape[0]):
+        while True:
+            c = _take_chunk(counter)
+            if c >= n_chunks:
+                break
+            lo = c * chunk
+            hi = min(n, lo + chunk)
+            columns = (hi - lo) * plane
+            cols = cols_scratch[worker][: taps * columns].reshape((taps, columns))
+            im2col(x[lo:hi], kh, kw, sh, sw, ph, pw, h_out, w_out, cols)
+            y2 = y2_scratch[worker][: channels_out * columns].reshape((channels_out, columns))
+            sgemm(False, False, 1.0, weight, cols, 0.0, y2)
+            channel_major_to_nchw(y2, bias, y[lo:hi])
+
+
+@njit(**NUMBA_OPTIONS)
+def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_scratch,
+                           dy2_scratch, weight_grad, dweight_partial, dbias_partial, dx):
+    """Gradients for the whole batch, chunk by chunk (workers as in the forward kernel).
+
+    Chunk 0 accumulates straight into weight_grad (O, C*kh*kw); chunk c > 0
+    writes its sum into dweight_partial[c - 1], added afterwards in chunk
+    order by `add_partials` - the same bits whichever thread did which chunk.
+    dbias_partial[c] (n_chunks, O) is overwritten with chunk c's bias
+    gradient. dx (N, C, H, W) is written unless it has no samples (size 0).
+    """
+    n, channels_out, h_out, w_out = dy.shape
+    taps = weight.shape[1]
+    plane = h_out * w_out
+    n_chunks = (n + chunk - 1) // chunk
+    dy3 = dy.reshape((n, channels_out, plane))
+    counter = np.zeros(1, dtype=np.int64)
+    for worker in prange(cols_scratch.shape[0]):
+        while True:
+            c = _take_chunk(counter)
+            if c >= n_chunks:
+                break
+            lo = c * chunk
+            hi = min(n, lo + chunk)
+            columns = (hi - lo) * plane
+            dy2 = dy2_scratch[worker][: channels_out * columns].reshape((channels_out, columns))
+            dbias_partial[c][:] = 0.0
+            nchw_to_channel_major(dy3[lo:hi], dy2, dbias_partial[c])
+            # im2col again instead of keeping it from forward: the chunk is
+            # cache-sized, rebuilding it is cheaper than a trip through memory
+            cols = cols_scratch[worker][: taps * columns].reshape((taps, columns))
+            im2col(x[lo:hi], kh, kw, sh, sw, ph, pw, h_out, w_out, cols)
+            if c == 0:
+                sgemm(False, True, 1.0, dy2, cols, 1.0, weight_grad)
+            else:
+                sgemm(False, True, 1.0, dy2, cols, 0.0, dweight_partial[c - 1])
+            if dx.shape[0] > 0:
+                sgemm(True, False, 1.0, weight, dy2, 0.0, cols)  # cols now holds dcols
+                col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx[lo:hi])
+
+
+@njit(**NUMBA_OPTIONS)
+def add_partials(total, partials):
+    """total += partials[0] + partials[1] + ..., in that order for every element."""
+    flat_total = total.reshape(-1)
+    size = flat_total.size
+    block = 4096
+    for start in prange((size + block - 1) // block):
+        lo = start * block
+        hi = min(size, lo + block)
+        for g in range(partials.shape[0]):
+            part = partials[g].reshape(-1)
+            for k in range(lo, hi):
+                flat_total[k] += part[k]
 
 
 # ---------------------------------------------------------------------------
 # layer
 # ---------------------------------------------------------------------------
 
-#: Elements of the im2col matrix per batch chunk: small enough to stay in
-#: cache between im2col, the SGEMMs and col2im, large enough for SGEMM speed.
+#: Elements of one thread's im2col chunk: small enough to stay in cache between
+#: im2col, the SGEMMs and col2im, large enough for SGEMM speed.
 CHUNK_ELEMENTS = 1 << 21
 
+#: With several threads, cut the batch into at least this many chunks per
+#: thread. More chunks balance better when the OS holds a thread up, but each
+#: extra chunk costs a (O, C*kh*kw) weight-gradient partial: 2 was up to 10%
+#: slower than 1 on the 512-channel VGG layers, and no faster elsewhere.
+CHUNKS_PER_THREAD = 1
 
-def _batch_chunks(n, elements_per_sample):
-    """(lo, hi) sample ranges whose im2col holds about CHUNK_ELEMENTS values."""
-    step = max(1, min(n, CHUNK_ELEMENTS // max(1, elements_per_sample)))
-    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+def _chunking(n, elements_per_sample):
+    """(workers, chunk): the batch is cut into equal chunks of `chunk` samples
+    whose im2col holds about CHUNK_ELEMENTS values, and into at least
+    CHUNKS_PER_THREAD chunks per thread when there are several threads."""
+    threads = numba.get_num_threads()
+    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, elements_per_sample)))
+    n_chunks = -(-n // chunk)
+    if threads > 1:
+        n_chunks = max(n_chunks, min(n, CHUNKS_PER_THREAD * threads))
+    chunk = -(-n // n_chunks)
+    return min(threads, -(-n // chunk)), chunk
 
 
 class Conv2D(Layer):
@@ -301,13 +496,12 @@ class Conv2D(Layer):
         weight = self.weight.data.reshape(o, taps)
         bias = self._zero_bias if bias is None else bias
         y = np.empty(self._y_shape, dtype=np.float32)
-        y3 = y.reshape(n, o, plane)
-        for lo, hi in _batch_chunks(n, taps * plane):
-            cols = scratch("conv.cols", (taps, (hi - lo) * plane))
-            im2col(x[lo:hi], kh, kw, sh, sw, ph, pw, h_out, w_out, cols)
-            y2 = scratch("conv.channel_major", (o, (hi - lo) * plane))
-            np.matmul(weight, cols, out=y2)
-            channel_major_to_nchw(y2, bias, y3[lo:hi])
+        workers, chunk = _chunking(n, taps * plane)
+        cols = scratch("conv.cols", (workers, taps * chunk * plane))
+        y2 = scratch("conv.channel_major", (workers, o * chunk * plane))
+        with _single_threaded_blas():
+            conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out, chunk,
+                                  cols, y2, y.reshape(n, o, plane))
         return y
 
     def backward(self, dy):
@@ -327,21 +521,20 @@ class Conv2D(Layer):
         taps = self.in_channels * kh * kw
         weight = self.weight.data.reshape(o, taps)
         weight_grad = self.weight.grad.reshape(o, taps)
-        dy3 = dy.reshape(n, o, plane)
-        dx = None if self.skip_input_grad else np.empty(x.shape, dtype=np.float32)
-        dbias = np.empty(o, dtype=np.float32)
-        for lo, hi in _batch_chunks(n, taps * plane):
-            columns = (hi - lo) * plane
-            dy2 = scratch("conv.channel_major", (o, columns))
-            nchw_to_channel_major(dy3[lo:hi], dy2, dbias)
-            if self.bias is not None:
-                self.bias.grad += dbias
-            # im2col again instead of keeping it from forward: the chunk is
-            # cache-sized, rebuilding it is cheaper than a trip through memory
-            cols = scratch("conv.cols", (taps, columns))
-            im2col(x[lo:hi], kh, kw, sh, sw, ph, pw, h_out, w_out, cols)
-            weight_grad += np.matmul(dy2, cols.T, out=scratch("conv.dweight", (o, taps)))
-            if dx is not None:
-                np.matmul(weight.T, dy2, out=cols)  # cols now holds dcols
-                col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx[lo:hi])
-        return dx
+        shape = (0,) + x.shape[1:] if self.skip_input_grad else x.shape
+        dx = np.empty(shape, dtype=np.float32)
+        workers, chunk = _chunking(n, taps * plane)
+        n_chunks = -(-n // chunk)
+        cols = scratch("conv.cols", (workers, taps * chunk * plane))
+        dy2 = scratch("conv.channel_major", (workers, o * chunk * plane))
+        dweight_partial = scratch("conv.dweight", (n_chunks - 1, o, taps))
+        dbias_partial = scratch("conv.dbias", (n_chunks, o))
+        with _single_threaded_blas():
+            conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols, dy2,
+                                   weight_grad, dweight_partial, dbias_partial, dx)
+        # in chunk order: the same bits run to run
+        if n_chunks > 1:
+            add_partials(weight_grad, dweight_partial)
+        if self.bias is not None:
+            add_partials(self.bias.grad, dbias_partial)
+        return None if self.skip_input_grad else dx
