@@ -2,9 +2,9 @@
 (ALGORITHM.md §2), for any number of ranks P.
 
     from engine import costmodel as cm
-    layers = cm.load_profile("bench/results/profile_resnet20_b32.json")
+    prof = cm.load_profile("bench/results/profile_resnet20_b32.json")
     net = cm.Network.from_json("bench/results/netfit_1gbit.json")
-    r = cm.simulate(layers, net, "priority", P=2)
+    r = cm.simulate(prof.layers, net, "priority", P=2, profile=prof)
     r.iter_s, r.exposed_comm_s, r.overlap_efficiency
 
 Two parts, both pure Python:
@@ -39,14 +39,20 @@ Two parts, both pure Python:
 
 2. **This engine's overheads and an event simulation.** The progress thread
    (ext/_progress.pyx) admits a request only after a negotiation round (a
-   small MIN-allreduce, `Network.round_s`), splits allreduces into chunks of
-   `Engine.chunk_bytes` (reduce-scatters and allgathers are one chunk), keeps
-   at most `Engine.max_inflight` chunks posted (the credit), and posts the next
-   chunk, lowest (priority, sequence) first, one round after a slot frees.
-   Each posted chunk costs `Network.chunk_overhead_s` on top of its collective.
-   The link is one sequential channel: a chunk starts at max(its commit time,
-   end of the previous chunk). The compute thread runs exactly the hooks of
-   the strategy (engine/strategies/*.py) and blocks where they wait.
+   272-byte MIN-allreduce plus a poll delay, `Network.round_s`), splits
+   allreduces into chunks of `Engine.chunk_bytes` (reduce-scatters and
+   allgathers are one chunk), keeps at most `Engine.max_inflight` chunks
+   posted (the credit), and posts the next chunk, lowest (priority, sequence)
+   first, one round after a slot frees. Each posted chunk costs
+   `Network.chunk_overhead_s` + `Network.chunk_beta` per byte on top of its
+   collective, and each posted request costs the compute thread
+   `Network.request_cpu_s` (the engine's thread preempting it where it has no
+   core of its own). The link is one sequential channel: a chunk starts at
+   max(its commit time, end of the previous chunk). The compute thread runs
+   exactly the hooks of the strategy (engine/strategies/*.py) and the
+   trainer (engine/trainer.py: the loss/flag allreduce at priority -1 that
+   every step waits for, the BN-statistics allreduce), and blocks where they
+   wait. The FC variant of the paper (``multistep-fc``) is modelled only.
 
 The simulation runs a few iterations back to back and reports the last one
 (the steady state, where the lazy updates and allgathers of iteration k are
@@ -61,9 +67,10 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-__all__ = ["Engine", "LayerCost", "Network", "Result", "STRATEGIES", "allgather_time",
-           "allreduce_time", "form_buckets", "load_profile", "reduce_scatter_time",
-           "simulate"]
+__all__ = ["MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
+           "Profile", "Result", "allgather_time", "allreduce_time", "alltoall_time",
+           "blocking_comm_time", "form_buckets", "load_profile", "lower_bound",
+           "reduce_scatter_time", "scale_layers", "simulate"]
 
 #: strategies the engine implements, plus the paper's FC variant of multistep
 #: (activation all-to-all / error allgather instead of the FC reduce-scatter;

@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("-o", "--output", default=None, help="JSON file (default: print)")
     p.add_argument("--sgemm-only", action="store_true",
                    help="only measure this machine's single-thread SGEMM rate (best of 30 "
-                        "runs, the unloaded capability) and write it to -o (the reference "
-                        "bench/simulate.py scales compute times by)")
+                        "runs, the unloaded capability) and write it to -o, e.g. "
+                        "bench/machines/this_machine.json (a record; bench/simulate.py scales "
+                        "by the SGEMM rate timed inside each profile)")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,200 @@
+"""The cost model's textbook limits (engine/costmodel.py); pure Python, no MPI ranks."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import costmodel as cm
+
+ALL = cm.STRATEGIES + cm.MODEL_ONLY_STRATEGIES
+FREE = cm.Network(alpha=0.0, beta=0.0, gamma=0.0, poll_s=0.0)
+GIGABIT = cm.Network(alpha=20e-6, beta=8e-9, gamma=0.3e-9, chunk_overhead_s=10e-6, poll_s=25e-6)
+
+
+def net_layers(n=8, grad=1 << 20, fwd=0.01, bwd=0.02, update=0.001, kinds=None):
+    kinds = kinds or ["conv"] * n
+    return [cm.LayerCost(f"l{i}", i, kinds[i], grad // 4, grad, fwd, bwd, update,
+                         in_features=512, out_features=512) for i in range(n)]
+
+
+def compute(layers):
+    return sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
+
+
+layer_lists = st.lists(
+    st.tuples(st.integers(4, 8 << 20), st.floats(1e-5, 0.05), st.floats(1e-5, 0.05),
+              st.floats(0.0, 0.01), st.sampled_from(["conv", "linear", "batchnorm"])),
+    min_size=1, max_size=12,
+).map(lambda rows: [cm.LayerCost(f"l{i}", i, k, g // 4, g, f, b, u, in_features=64,
+                                 out_features=64)
+                    for i, (g, f, b, u, k) in enumerate(rows)])
+
+
+# -- collective formulas (Thakur, Rabenseifner & Gropp 2005) --------------------------
+
+def test_collectives_one_rank_cost_nothing():
+    for fn in (cm.allreduce_time, cm.reduce_scatter_time, cm.allgather_time):
+        assert fn(1 << 20, 1, GIGABIT) == 0.0
+
+
+def test_allreduce_textbook_forms():
+    net = cm.Network(alpha=1e-6, beta=1e-9, gamma=1e-10)
+    n, P = 8 << 20, 8
+    assert cm.allreduce_time(n, P, net) == pytest.approx(
+        2 * 3 * 1e-6 + 2 * 7 / 8 * n * 1e-9 + 7 / 8 * n * 1e-10)
+    ring = cm.Network(alpha=1e-6, beta=1e-9, gamma=1e-10, allreduce_large="ring")
+    assert cm.allreduce_time(n, P, ring) == pytest.approx(
+        2 * 7 * 1e-6 + 2 * 7 / 8 * n * 1e-9 + 7 / 8 * n * 1e-10)
+    small = 1024      # below MPICH's 2 KiB threshold: recursive doubling
+    assert cm.allreduce_time(small, P, net) == pytest.approx(3 * (1e-6 + small * 1.1e-9))
+
+
+def test_reduce_scatter_plus_allgather_moves_what_allreduce_moves():
+    net = cm.Network(alpha=0.0, beta=1e-9, gamma=1e-10)
+    for P in (2, 5, 64, 8192):
+        n = 64 << 20
+        assert (cm.reduce_scatter_time(n, P, net) + cm.allgather_time(n, P, net)
+                == pytest.approx(cm.allreduce_time(n, P, net)))
+
+
+@given(st.integers(1, 1 << 28), st.integers(2, 10000))
+def test_collectives_monotonic_in_bytes_and_beta(n, P):
+    slow = cm.Network(alpha=2e-6, beta=2e-9, gamma=1e-10)
+    fast = cm.Network(alpha=2e-6, beta=1e-9, gamma=1e-10)
+    for fn in (cm.allreduce_time, cm.reduce_scatter_time, cm.allgather_time):
+        assert fn(n, P, fast) <= fn(n, P, slow)
+
+
+# -- the event simulation: limits ----------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_zero_communication_cost_is_compute(strategy):
+    layers = net_layers(update=0.0)
+    r = cm.simulate(layers, FREE, strategy, P=16)
+    assert r.iter_s == pytest.approx(compute(layers))
+    assert r.exposed_comm_s == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_one_rank_is_compute(strategy):
+    layers = net_layers()
+    r = cm.simulate(layers, GIGABIT, strategy, P=1)
+    assert r.iter_s == pytest.approx(compute(layers))
+    assert r.comm_s == 0.0
+
+
+def test_multistep_updates_one_pth_of_the_model():
+    layers = net_layers(update=0.004)
+    r = cm.simulate(layers, FREE, "multistep", P=4)
+    assert r.iter_s == pytest.approx(sum(l.fwd_s + l.bwd_s + l.update_s / 4 for l in layers))
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_infinite_bandwidth_leaves_only_latencies(strategy):
+    layers = net_layers()
+    latency_only = cm.Network(alpha=1e-6, beta=0.0, gamma=0.0, poll_s=1e-6)
+    r = cm.simulate(layers, latency_only, strategy, P=64)
+    floor = sum(l.fwd_s + l.bwd_s + (l.update_s / 64 if strategy.startswith("multistep")
+                                     else l.update_s) for l in layers)
+    assert floor - 1e-12 <= r.iter_s <= floor + 1e-3     # a few dozen latencies at most
+
+
+def test_blocking_is_the_sum():
+    """T_iter = T_fwd + T_bwd + T_allreduce(N) + T_update(N) (+ the stats allreduce)."""
+    layers = net_layers(grad=4096)
+    engine = cm.Engine(chunk_bytes=1 << 30)            # one chunk, nothing to pipeline
+    net = cm.Network(alpha=5e-6, beta=1e-9, gamma=1e-10, poll_s=0.0)
+    r = cm.simulate(layers, net, "blocking", P=8, engine=engine)
+    stats = cm.allreduce_time(8 * (3 + len(layers)), 8, net)
+    assert r.comm_s == pytest.approx(net.round_s(8) + cm.allreduce_time(4096 * 8, 8, net))
+    assert r.iter_s == pytest.approx(compute(layers) + r.comm_s + stats)
+    assert r.overlap_efficiency == pytest.approx(-stats / r.comm_s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer_lists, st.sampled_from(ALL), st.integers(2, 512),
+       st.floats(1e-7, 1e-4), st.floats(1e-11, 1e-7))
+def test_never_beats_the_physical_limit(layers, strategy, P, alpha, beta):
+    """T_iter >= max(compute-thread time, link time); overlap efficiency <= 1 (+ rounding)."""
+    net = cm.Network(alpha=alpha, beta=beta, gamma=beta / 10, poll_s=1e-5)
+    r = cm.simulate(layers, net, strategy, P)
+    assert r.iter_s >= cm.lower_bound(r) * (1 - 1e-9)
+    if not strategy.startswith("multistep"):        # multistep updates only 1/P
+        assert r.iter_s >= r.compute_s * (1 - 1e-9)
+        assert r.overlap_efficiency <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_monotonic_in_beta(strategy):
+    layers = net_layers(n=10, grad=3 << 20)
+    times = [cm.simulate(layers, cm.Network(alpha=10e-6, beta=b, gamma=1e-10), strategy, 8).iter_s
+             for b in (0.0, 1e-10, 1e-9, 4e-9, 1.6e-8, 6.4e-8)]
+    assert all(a <= b + 1e-12 for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "bucketed", "priority", "multistep"])
+def test_overlap_beats_blocking_when_comm_matters(strategy):
+    layers = net_layers(n=10, grad=4 << 20)
+    b = cm.simulate(layers, GIGABIT, "blocking", 8)
+    r = cm.simulate(layers, GIGABIT, strategy, 8)
+    assert r.iter_s < b.iter_s
+    assert 0 < r.overlap_efficiency <= 1
+
+
+def test_priority_hides_more_than_fifo_on_a_slow_link():
+    # the first layers finish backprop last; FIFO leaves them behind every other layer's chunks
+    layers = net_layers(n=10, grad=8 << 20)     # comm per layer > backward per layer
+    fifo = cm.simulate(layers, GIGABIT, "layerwise", 2)
+    prio = cm.simulate(layers, GIGABIT, "priority", 2)
+    assert prio.iter_s < fifo.iter_s
+
+
+def test_comm_behind_long_compute_is_fully_hidden():
+    # layer 0's exchange can never hide (the next forward starts with it): make it small,
+    # as a first convolution is; then only the trainer's loss/flag allreduce stays exposed
+    layers = net_layers(n=6, grad=4 << 20, fwd=0.5, bwd=1.0, update=0.0)
+    layers[0] = cm.LayerCost("l0", 0, "conv", 1024, 4096, 0.5, 1.0, 0.0)
+    r = cm.simulate(layers, GIGABIT, "priority", 4)
+    assert r.overlap_efficiency == pytest.approx(1.0, abs=0.05)
+
+
+def test_buckets_match_the_strategy():
+    """Bucket boundaries equal engine/strategies/bucketed.py's on a real model."""
+    from cnn import models
+    from engine.strategies.bucketed import form_buckets
+
+    model = models.build("resnet20", seed=0)
+    layers = [cm.LayerCost("x", i, "conv", sum(p.data.size for p in l.params),
+                           sum(p.grad.nbytes for p in l.params), 0, 0, 0)
+              for i, l in enumerate(model.layers)]
+    for size in (1, 4096, 1 << 16, 1 << 20, 1 << 30):
+        real = [[i for i, _ in b.layers] for b in form_buckets(model.layers, size)]
+        assert cm.form_buckets(layers, size) == real
+
+
+def test_multistep_fc_variant_sends_less_for_big_fc_layers():
+    kinds = ["conv"] * 4 + ["linear"] * 2
+    layers = [cm.LayerCost(f"l{i}", i, k, 0, (64 << 20) if k == "linear" else (1 << 20),
+                           0.01, 0.02, 0.0, in_features=4096, out_features=4096)
+              for i, k in enumerate(kinds)]
+    a = cm.simulate(layers, GIGABIT, "multistep", 16, global_batch=256)
+    b = cm.simulate(layers, GIGABIT, "multistep-fc", 16, global_batch=256)
+    assert b.channel_busy_s < a.channel_busy_s
+    assert b.iter_s < a.iter_s
+
+
+def test_simulation_is_fast():
+    import time
+    layers = net_layers(n=60, grad=8 << 20)
+    start = time.perf_counter()
+    for s in ALL:
+        cm.simulate(layers, GIGABIT, s, 8192)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        cm.simulate(net_layers(), FREE, "nope", 2)
+    assert math.isfinite(cm.simulate(net_layers(), FREE, "blocking", 2).iter_s)
