@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
+    p.add_argument("--poll-us", type=int, default=200)
+    p.add_argument("--fc-mode", default="auto", choices=("activations", "reduce_scatter", "auto"))
     p.add_argument("--json", action="store_true", help="print one JSON object (rank 0)")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"),
@@ -64,7 +66,7 @@ def batches(model, batch, count, rank):
 
 
 def compute_only(model, data, warmup):
-    """Median ms of forward + backward + local update, no communication."""
+    """Times (s) of forward + backward + local update, no communication."""
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss = SoftmaxCrossEntropy()
     times = []
@@ -76,7 +78,7 @@ def compute_only(model, data, warmup):
         optimizer.step()
         if k >= warmup:
             times.append(time.monotonic() - start)
-    return 1e3 * float(np.median(times))
+    return times
 
 
 def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5):
@@ -101,16 +103,20 @@ def main(argv=None):
     data = batches(model, args.batch_size_per_rank, count, comm.rank)
 
     comm.Barrier()
-    compute_ms = compute_only(model, data, args.warmup)
+    # Compute-only steps are timed before and after the strategy's steps: on a
+    # shared machine the speed drifts, and one side alone would bias the difference.
+    compute_times = compute_only(model, data, args.warmup)
     comm_ms = blocking_allreduce(model.num_parameters(), comm, args.chunk_bytes,
                                  args.max_inflight)
 
     model = models.build(args.model, seed=0)
     options = {"bucket_bytes": args.bucket_bytes} if args.strategy == "bucketed" else {}
+    if args.strategy == "multistep":
+        options["fc_mode"] = args.fc_mode
     iter_times, stats0 = [], None
     with Trainer(model, SGD(model.parameters(), lr=0.01, momentum=0.9), args.strategy, comm,
                  chunk_bytes=args.chunk_bytes, max_inflight=args.max_inflight,
-                 **options) as trainer:
+                 poll_us=args.poll_us, **options) as trainer:
         comm.Barrier()
         for k, (x, y) in enumerate(data):
             if k == args.warmup:
@@ -121,6 +127,9 @@ def main(argv=None):
                 iter_times.append(time.monotonic() - start)
         trainer.synchronize()
         stats1 = trainer.exchanger.stats()
+    comm.Barrier()
+    compute_times += compute_only(models.build(args.model, seed=0), data, args.warmup)
+    compute_ms = 1e3 * float(np.median(compute_times))
     iter_ms = 1e3 * float(np.median(iter_times))
     # Medians over ranks too: rank 0 reports the slowest rank's figure.
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)

@@ -183,7 +183,7 @@ class Exchanger:
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
-                 poll_us: int = 50, pin_cpu: int | None = None, trace: bool = False,
+                 poll_us: int = 200, pin_cpu: int | None = None, trace: bool = False,
                  close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0):
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError(

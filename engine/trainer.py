@@ -89,7 +89,7 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, strategy: str = "multistep", comm=None, *, loss=None,
-                 chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 50,
+                 chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 200,
                  bn_stats: str = "average", skip_nonfinite: bool = False,
                  check_replicas: int = 0, trace: bool = False, **strategy_options):
         if bn_stats not in ("average", "local"):
