@@ -151,12 +151,61 @@ def throughput_section(rows):
     return lines + [""]
 
 
+def timeline_section():
+    pictures = [name for name in ("blocking", "multistep")
+                if os.path.exists(os.path.join(RESULTS, f"timeline_{name}.png"))]
+    if not pictures:
+        return []
+    lines = ["### Timelines (engine/trace.py, engine/plot_trace.py)", "",
+             "Three iterations of vgg16-cifar (global batch 64, 2 ranks) traced with `--trace` and "
+             "drawn with `python -m engine.plot_trace`: per rank, forward and backward of each layer, "
+             "waits, and each chunk on the progress thread from post to completion. "
+             "Open `bench/results/trace_*.json` in Perfetto for the details.", ""]
+    for name in pictures:
+        lines += [f"**{name}**", "", f"![{name}](bench/results/timeline_{name}.png)", ""]
+    return lines
+
+
+def model_check_section(rows):
+    if not rows:
+        return []
+    lines = ["### Cost model: predicted vs measured iteration time (bench/model_check.py, 2 ranks)", "",
+             "`python -m bench.model_check --json` (it runs each strategy for real on each link and "
+             "predicts it with `engine/costmodel.py` from the profiled layers and the fitted "
+             "alpha-beta-gamma of `bench/netfit.py`).", "",
+             "| model | link | strategy | predicted ms | measured ms | error |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["model"], link_key(r.get("link")), r["strategy"])):
+        lines.append(f"| {r['model']} | {r['link']} | {r['strategy']} | {r['predicted_ms']:.1f} | "
+                     f"{r['measured_ms']:.1f} | {100 * r['rel_error']:+.1f} % |")
+    worst = max(abs(r["rel_error"]) for r in rows)
+    within = sum(abs(r["rel_error"]) <= 0.15 for r in rows)
+    return lines + ["", f"{within} of {len(rows)} predictions within 15 %; worst {100 * worst:.1f} %.", ""]
+
+
+def simulate_section():
+    path = os.path.join(RESULTS, "simulate_cori.json")
+    if not os.path.exists(path):
+        return []
+    lines = ["### Strong scaling beyond this machine (bench/simulate.py, cost model)", "",
+             "`python -m bench.simulate` simulates ImageNet training on Cori Phase-I and on a 100 Gbit/s "
+             "InfiniBand cluster from the per-layer profile of this machine (scaled to a Haswell core) "
+             "and published network parameters. Published points are marked; "
+             "`bench/results/simulate_notes.md` explains where the model agrees and why not elsewhere; "
+             "full tables in `bench/results/simulate_cori.md` and `simulate_ib100.md`.", "",
+             "![scaling](bench/results/simulate_cori.png)", ""]
+    return lines
+
+
 def main():
     parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
              "10 Gbit/s link); raw JSON in `bench/results/`.", ""]
     parts += throughput_section(load("throughput_*.json"))
     parts += overlap_section(load("overlap_*.json"))
     parts += step_section(load("step_*.json"))
+    parts += timeline_section()
+    parts += model_check_section(load("model_check_*.json"))
+    parts += simulate_section()
     text = "\n".join(parts)
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
         f.write(text.replace("](bench/results/", "](") + "\n")

@@ -66,6 +66,17 @@ for model in resnet20 vgg16-cifar; do
     done
 done
 
+# Timelines for the README: the same 3 iterations of vgg16-cifar on the slowest link.
+tlink=${links[1]:-loopback}
+[ "$netlink_ok" = 1 ] || tlink=loopback
+for strategy in blocking multistep; do
+    echo "== timeline $strategy $tlink"
+    run_on "$tlink" "$MPIEXEC" -n 2 "$PY" -m engine.train --model vgg16-cifar --dataset synthetic \
+        --synthetic-size 512 --batch-size 64 --iters 3 --strategy "$strategy" --no-progress \
+        --trace "$OUT/trace_${strategy}.json" > /dev/null
+    "$PY" -m engine.plot_trace "$OUT/trace_${strategy}.json" -o "$OUT/timeline_${strategy}.png"
+done
+
 for model in resnet20 vgg16-cifar; do
     for threads in 1 2; do
         echo "== throughput $model threads=$threads"
@@ -74,5 +85,12 @@ for model in resnet20 vgg16-cifar; do
             $("$PY" -c "import torch" 2>/dev/null && echo --compare-torch)
     done
 done
+
+if [ "$mode" = full ]; then
+    echo "== cost model check and scaling simulation"
+    "$PY" -m bench.model_check -o "$OUT/model_check_resnet20.json" || true
+    "$PY" -m bench.simulate || true
+    "$PY" -m bench.simulate --machine bench/machines/ib100.json || true
+fi
 
 "$PY" -m bench.report
