@@ -35,8 +35,9 @@ ctypedef struct request_t:
     int itemsize
     MPI_Datatype dtype
     MPI_Op op
-    long long chunk_elems       # allreduce: elements per chunk; reduce-scatter /
-                                # allgather: elements per rank's piece of a chunk
+    # allreduce: elements per chunk; reduce-scatter / allgather: elements per
+    # rank's piece of a chunk
+    long long chunk_elems
     int nchunks
     int chunks_posted
     int chunks_done
