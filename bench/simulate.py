@@ -31,6 +31,14 @@ Compute scaling, documented choices
    pooling and the Python between kernels scale worse than GEMM).
 4. The SGD update scales with the core factor and the threads like compute;
    multistep updates 1/P of it.
+5. multistep's FC layers (engine/strategies/multistep.py, ``--fc-mode``,
+   default auto): per layer, the activation path (allgather of the inputs and
+   of the errors, a local slice GEMM over the global batch after backprop)
+   when B (N_in + N_out) < N_in N_out, else the reduce-scatter of the conv
+   path; the slice GEMM is charged half the layer's backward (the dW GEMM it
+   replaces, see costmodel.FC_WEIGHT_GRAD_SHARE). ``multistep-fc`` is the
+   paper's all-to-all variant, modelled only (the engine does not implement
+   it): dashed in the plots, "(model only)" in the tables.
 
 Layouts
 -------
@@ -92,6 +100,8 @@ def parse_args(argv=None):
                    help="comma-separated process counts (nodes in the node layout)")
     p.add_argument("--layout", choices=("node", "core"), default="node")
     p.add_argument("--strategies", default=",".join(SIM_STRATEGIES))
+    p.add_argument("--fc-mode", choices=cm.FC_MODES, default="auto",
+                   help="multistep's fc_mode (engine/strategies/multistep.py); default auto")
     p.add_argument("--serial-fraction", type=float, default=None,
                    help="override the machine file's Amdahl serial fraction (thread scaling)")
     p.add_argument("-o", "--output", default=None, help="output prefix (JSON/MD/PNG)")
@@ -125,8 +135,8 @@ def find_profile(model: str) -> str:
 class Target:
     """The profiled model moved onto one machine: per-process costs for any layout."""
 
-    def __init__(self, profile: cm.Profile, machine: dict):
-        self.profile, self.machine = profile, machine
+    def __init__(self, profile: cm.Profile, machine: dict, fc_mode: str = "auto"):
+        self.profile, self.machine, self.fc_mode = profile, machine, fc_mode
         here = profile.meta.get("machine", {}).get("sgemm_gflops_1thread")
         self.sgemm_here = here
         if not here:
@@ -175,7 +185,7 @@ def run(target: Target, strategy: str, cores: int, batch: int, layout: str) -> d
     prof = cm.Profile(layers, batch / P, target.profile.bn_bytes,
                       target.profile.copy_s_per_byte * target.core_factor, 0.0)
     r = cm.simulate(layers, target.network(P, ppn), strategy, P, engine=target.engine(),
-                    profile=prof, global_batch=batch, iterations=3)
+                    profile=prof, global_batch=batch, iterations=3, fc_mode=target.fc_mode)
     return {"strategy": strategy, "cores": cores, "procs": P, "threads": threads,
             "nodes": max(1, math.ceil(cores / target.cpn)), "feasible": True,
             "batch_per_proc": batch / P, **r.as_dict()}
@@ -204,9 +214,14 @@ def sweep(target: Target, strategies, cores_list, batch: int, layout: str, base_
 # outputs
 # ---------------------------------------------------------------------------
 
+def label(strategy: str) -> str:
+    """The strategy's name in tables and plots; model-only variants say so."""
+    return f"{strategy} (model only)" if strategy in cm.MODEL_ONLY_STRATEGIES else strategy
+
+
 def markdown(rows, strategies, title: str, unit: str = "cores") -> str:
     cores = sorted({r["cores"] for r in rows})
-    head = f"| {unit} | procs x threads | " + " | ".join(strategies) + " |"
+    head = f"| {unit} | procs x threads | " + " | ".join(map(label, strategies)) + " |"
     lines = [f"**{title}** (speedup / efficiency)", "", head,
              "|" + "---|" * (2 + len(strategies))]
     for c in cores:
@@ -254,8 +269,9 @@ def _model_only_note(rows, fastest) -> str:
     same = [r for r in rows if r["procs"] == fastest["procs"]
             and r["strategy"] in cm.MODEL_ONLY_STRATEGIES]
     better = [r for r in same if r["iter_ms"] < 0.95 * fastest["iter_ms"]]
-    return "".join(f" ({r['strategy']}, modelled but not implemented by the engine, would take "
-                   f"{r['iter_ms']:.1f} ms there.)" for r in better)
+    return "".join(f" ({r['strategy']}, the paper's all-to-all FC path, modelled only (not "
+                   f"implemented by the engine), would take {r['iter_ms']:.1f} ms there.)"
+                   for r in better)
 
 
 def plot(panels, path: str, rows: int = 1) -> None:
@@ -270,7 +286,7 @@ def plot(panels, path: str, rows: int = 1) -> None:
             pts = [(r["cores"], r["speedup"]) for r in panel["rows"]
                    if r["strategy"] == s and r["feasible"]]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=s,
+                ax.plot(*zip(*pts), marker=".", label=label(s),
                         linestyle="--" if s in cm.MODEL_ONLY_STRATEGIES else "-")
         xs = sorted({r["cores"] for r in panel["rows"]})
         ax.plot(xs, [x / panel.get("base_cores", 1) for x in xs], color="grey", lw=0.8,
@@ -298,10 +314,12 @@ def published_comparison(args) -> None:
     out_json, md, panels = {"machine": machine.get("name"), "runs": []}, [], []
     md.append(f"# Simulated strong scaling on {machine.get('name')}\n")
     md.append("Generated by `python -m bench.simulate`; the model and its assumptions are in "
-              "bench/simulate.py and bench/results/simulate_notes.md.\n")
+              "bench/simulate.py and bench/results/simulate_notes.md. multistep: the engine's "
+              f"strategy, FC layers with fc_mode={args.fc_mode}; multistep-fc: the paper's "
+              "all-to-all FC path, modelled only (not implemented by the engine).\n")
     for model in ("vgg16", "resnet50"):
         path = find_profile(model)
-        target = Target(cm.load_profile(path), machine)
+        target = Target(cm.load_profile(path), machine, args.fc_mode)
         pub = PUBLISHED[model][0]
         for layout in ("node", "core"):
             for batch in (MLHPC_BATCH, MLHPC_BATCH_ALT):
@@ -314,7 +332,8 @@ def published_comparison(args) -> None:
                                    f"{model}, global batch {batch}, one process per {layout}"))
                 md.append("")
                 md.append(f"At {pub['cores']} cores: " + ", ".join(
-                    f"{s} {at[s]['speedup']:.0f}x" for s in strategies if at[s]["feasible"])
+                    f"{label(s)} {at[s]['speedup']:.0f}x" for s in strategies
+                    if at[s]["feasible"])
                     + f"; published ({pub['source']}, multistep): {pub['speedup']}x.\n")
                 if layout == "node":
                     panels.append({"title": f"{model}, B={batch}, 1 process per {layout} "
@@ -324,7 +343,7 @@ def published_comparison(args) -> None:
                                                   "label": pub["source"]}]})
     # HiPC'17: VGG-A, 1..128 nodes, speedup over one node
     path = find_profile("vgga")
-    target = Target(cm.load_profile(path), machine)
+    target = Target(cm.load_profile(path), machine, args.fc_mode)
     cpn = target.cpn
     for pub in PUBLISHED["vgga"]:
         rows = sweep(target, strategies, [cpn * 2 ** k for k in range(0, 8)], pub["batch"], "node",
@@ -340,8 +359,8 @@ def published_comparison(args) -> None:
                            unit="nodes"))
         at = {r["strategy"]: r for r in rows if r["nodes"] == pub["nodes"]}
         md.append("")
-        md.append("At 128 nodes: " + ", ".join(f"{s} {at[s]['speedup']:.1f}x" for s in strategies
-                                                 if at[s]["feasible"])
+        md.append("At 128 nodes: " + ", ".join(f"{label(s)} {at[s]['speedup']:.1f}x"
+                                                 for s in strategies if at[s]["feasible"])
                   + f"; published ({pub['source']}, layerwise with a communication thread): "
                     f"{pub['speedup']}x.\n")
         panels.append({"title": f"vgga, B={pub['batch']}, speedup over 1 node",
@@ -366,7 +385,8 @@ def published_comparison(args) -> None:
 def question(args) -> None:
     """The user's question: this model, batch and machine: which strategy, how many nodes?"""
     machine = load_machine(args.machine, args.serial_fraction)
-    target = Target(cm.load_profile(args.profile or find_profile(args.model)), machine)
+    target = Target(cm.load_profile(args.profile or find_profile(args.model)), machine,
+                    args.fc_mode)
     strategies = args.strategies.split(",")
     procs = [int(p) for p in (args.procs or "1,2,4,8,16,32,64,128,256").split(",")]
     per = 1 if args.layout == "core" else target.cpn
@@ -374,6 +394,9 @@ def question(args) -> None:
     unit = "nodes" if args.layout == "node" else "cores"
     print(f"{args.model}, global batch {args.batch}, {machine.get('name')}, one process per "
           f"{args.layout}; iteration time in ms (speedup over one core)")
+    print(f"multistep: fc_mode={args.fc_mode}" + "".join(
+        f"; {s}: the paper's all-to-all FC path, model only (not implemented by the engine)"
+        for s in strategies if s in cm.MODEL_ONLY_STRATEGIES))
     print(f"{unit:>6} " + " ".join(f"{s:>18}" for s in strategies))
     for p in procs:
         cells = []
@@ -384,7 +407,9 @@ def question(args) -> None:
         print(f"{p:>6} " + " ".join(cells))
     best = {}
     for p in procs:
-        ok = [r for r in rows if r["procs"] == p and r["feasible"]]
+        # what the engine implements (model-only variants are in the table and the note)
+        ok = [r for r in rows if r["procs"] == p and r["feasible"]
+              and r["strategy"] in cm.STRATEGIES]
         if ok:
             best[p] = min(ok, key=lambda r: r["iter_ms"])["strategy"]
     print("fastest per count: " + ", ".join(f"{p}: {s}" for p, s in best.items()))
@@ -392,7 +417,7 @@ def question(args) -> None:
     if args.output:
         with open(args.output + ".json", "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "machine": machine.get("name"),
-                       "layout": args.layout, "rows": rows}, f, indent=1)
+                       "layout": args.layout, "fc_mode": args.fc_mode, "rows": rows}, f, indent=1)
 
 
 def main(argv=None):

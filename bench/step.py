@@ -21,15 +21,13 @@ iterations after `--warmup` untimed ones:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 import cnn
+from bench.common import report, step_arguments, step_record
 from cnn import models
 from cnn.data import SyntheticDataset
 from cnn.losses import SoftmaxCrossEntropy
@@ -40,23 +38,17 @@ from engine.trainer import Trainer
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20", choices=list(models.MODELS))
+    p = step_arguments("python -m bench.step", __doc__.split("\n")[0])
     p.add_argument("--strategy", default="multistep", choices=list(STRATEGIES))
-    p.add_argument("--batch-size-per-rank", type=int, default=32)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--poll-us", type=int, default=200)
     p.add_argument("--fc-mode", default="auto", choices=("activations", "reduce_scatter", "auto"))
-    p.add_argument("--json", action="store_true", help="print one JSON object (rank 0)")
-    p.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
-    p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"),
-                   help="label of the link, recorded in the JSON (bench/netlink sets it)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model not in models.MODELS:
+        p.error(f"unknown --model {args.model!r}; choose from {', '.join(models.MODELS)}")
+    return args
 
 
 def batches(model, batch, count, rank):
@@ -134,26 +126,12 @@ def main(argv=None):
     # Medians over ranks too: rank 0 reports the slowest rank's figure.
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)
                                     for v in (iter_ms, compute_ms, comm_ms))
-    result = {
-        "model": args.model, "strategy": args.strategy, "ranks": comm.size, "link": args.link,
-        "batch_per_rank": args.batch_size_per_rank,
-        "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
-        "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
-        "overlap_efficiency": round((compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms), 3),
-        "bytes_per_iter": int((stats1["bytes_posted"] - stats0["bytes_posted"]) / args.iters),
-        "progress_cpu_s": round((stats1["progress_thread_cpu_s"] - stats0["progress_thread_cpu_s"])
-                                / args.iters, 6),
-    }
+    result = step_record(
+        args, args.strategy, comm.size, iter_ms, compute_ms, comm_ms,
+        (stats1["bytes_posted"] - stats0["bytes_posted"]) / args.iters,
+        (stats1["progress_thread_cpu_s"] - stats0["progress_thread_cpu_s"]) / args.iters)
     if comm.rank == 0:
-        if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(result, f, indent=1)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            for key, value in result.items():
-                print(f"{key:>20}: {value}")
+        report(result, args)
     return result
 
 

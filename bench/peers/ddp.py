@@ -19,27 +19,19 @@ script says so and exits 0 so that suites skip it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
+from bench.common import step_arguments
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.peers.ddp", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size-per-rank", type=int, default=32)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p = step_arguments("python -m bench.peers.ddp", __doc__.split("\n")[0])
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
     p.add_argument("--rendezvous", default=None,
                    help="file for torch.distributed's file:// rendezvous (default: per job in /tmp)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--json-out", metavar="FILE")
-    p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"))
     return p.parse_args(argv)
 
 
@@ -53,6 +45,7 @@ def main(argv=None):
         print("bench.peers.ddp: torch is not installed (run `make torch`); skipping", file=sys.stderr)
         return 0
     from bench.cnn_throughput import build_torch_model
+    from bench.common import report, step_record
 
     rank = int(os.environ.get("PMI_RANK", os.environ.get("RANK", 0)))
     size = int(os.environ.get("PMI_SIZE", os.environ.get("WORLD_SIZE", 1)))
@@ -105,14 +98,8 @@ def main(argv=None):
     values = torch.tensor([iter_ms, compute_ms, comm_ms], dtype=torch.float64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)     # the slowest rank's figures
     iter_ms, compute_ms, comm_ms = values.tolist()
-    result = {
-        "model": args.model, "strategy": "ddp", "ranks": size, "link": args.link,
-        "batch_per_rank": args.batch_size_per_rank, "bucket_mb": args.bucket_mb,
-        "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
-        "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
-        "overlap_efficiency": round((compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms), 3),
-        "bytes_per_iter": 4 * flat.numel(), "progress_cpu_s": None,
-    }
+    result = step_record(args, "ddp", size, iter_ms, compute_ms, comm_ms, 4 * flat.numel(), None,
+                         bucket_mb=args.bucket_mb)
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
@@ -120,12 +107,7 @@ def main(argv=None):
             os.unlink(path)
         except OSError:
             pass
-        if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(result, f, indent=1)
-        print(json.dumps(result) if args.json else
-              "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
+        report(result, args)
     return 0
 
 

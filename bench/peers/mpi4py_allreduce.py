@@ -12,9 +12,6 @@ are measured against.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 
@@ -22,6 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 import cnn
+from bench.common import report, step_arguments, step_record
 from bench.step import batches, compute_only
 from cnn import models
 from cnn.losses import SoftmaxCrossEntropy
@@ -29,16 +27,7 @@ from cnn.optim import SGD
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.peers.mpi4py_allreduce",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20", choices=list(models.MODELS))
-    p.add_argument("--batch-size-per-rank", type=int, default=32)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--json-out", metavar="FILE")
-    p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"))
+    p = step_arguments("python -m bench.peers.mpi4py_allreduce", __doc__.split("\n")[0])
     return p.parse_args(argv)
 
 
@@ -91,21 +80,9 @@ def main(argv=None):
     compute_ms = 1e3 * statistics.median(compute_times)
     iter_ms = 1e3 * statistics.median(times)
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX) for v in (iter_ms, compute_ms, comm_ms))
-    result = {
-        "model": args.model, "strategy": "mpi4py", "ranks": comm.size, "link": args.link,
-        "batch_per_rank": args.batch_size_per_rank,
-        "iter_ms": round(iter_ms, 3), "compute_ms": round(compute_ms, 3),
-        "exposed_comm_ms": round(iter_ms - compute_ms, 3), "comm_ms": round(comm_ms, 3),
-        "overlap_efficiency": round((compute_ms + comm_ms - iter_ms) / min(compute_ms, comm_ms), 3),
-        "bytes_per_iter": int(flat.nbytes), "progress_cpu_s": None,
-    }
+    result = step_record(args, "mpi4py", comm.size, iter_ms, compute_ms, comm_ms, flat.nbytes, None)
     if comm.rank == 0:
-        if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(result, f, indent=1)
-        print(json.dumps(result) if args.json else
-              "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
+        report(result, args)
     return result
 
 
