@@ -52,7 +52,35 @@ Two parts, both pure Python:
    exactly the hooks of the strategy (engine/strategies/*.py) and the
    trainer (engine/trainer.py: the loss/flag allreduce at priority -1 that
    every step waits for, the BN-statistics allreduce), and blocks where they
-   wait. The FC variant of the paper (``multistep-fc``) is modelled only.
+   wait.
+
+   **Fully-connected layers in multistep** (engine/strategies/multistep.py,
+   ``fc_mode``, default ``"auto"``). A Linear layer takes, per step, the path
+   that moves fewer values (`fc_path`): ``"activations"`` when
+   B (N_in + N_out) < N_in N_out (B the global batch), else
+   ``"reduce_scatter"`` (the conv path). On the activation path the model
+   follows the engine's hooks exactly:
+
+   - forward, right after the layer's forward: post an allgather of its input
+     X (B/P x N_in per rank -> B x N_in, 4 B N_in bytes);
+   - backward, just before the layer's backward: post an allgather of its
+     output errors dY (4 B N_out bytes); the layer's backward no longer forms
+     the weight gradient, so it costs (1 - FC_WEIGHT_GRAD_SHARE) x bwd_s; no
+     reduce-scatter is posted (bias included);
+   - after backprop (finish_step, input side first): wait for both
+     allgathers, then compute this rank's band of output rows of the weight
+     gradient over the global batch, (1/P) dY[:, band]^T X: 2 B N_in N_out / P
+     FLOPs, the FLOPs of the per-rank weight-gradient GEMM (2 (B/P) N_in N_out)
+     it replaces, so it costs FC_WEIGHT_GRAD_SHARE x bwd_s (the profiled
+     backward at the per-rank batch; the bias slice, a column sum of dY, is
+     neglected); then the 1/P update and the weight allgather as for a conv
+     layer.
+
+   ``multistep-fc`` is **model only**: the paper's (MLHPC'18) FC path, which
+   the engine does not implement. It differs from multistep's activation
+   path only in the exchange of X, an all-to-all of B/P x N_in / P values per
+   rank pair instead of an allgather, and takes that path for every Linear
+   layer (no auto choice); hooks, waits and compute are the same.
 
 The simulation runs a few iterations back to back and reports the last one
 (the steady state, where the lazy updates and allgathers of iteration k are
@@ -67,16 +95,30 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-__all__ = ["MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
-           "Profile", "Result", "allgather_time", "allreduce_time", "alltoall_time",
-           "blocking_comm_time", "form_buckets", "load_profile", "lower_bound",
-           "reduce_scatter_time", "scale_layers", "simulate"]
+__all__ = ["FC_MODES", "FC_WEIGHT_GRAD_SHARE", "MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel",
+           "Engine", "LayerCost", "Network", "Profile", "Result", "allgather_time",
+           "allreduce_time", "alltoall_time", "blocking_comm_time", "fc_path", "form_buckets",
+           "load_profile", "lower_bound", "reduce_scatter_time", "scale_layers", "sent_bytes",
+           "simulate"]
 
-#: strategies the engine implements, plus the paper's FC variant of multistep
-#: (activation all-to-all / error allgather instead of the FC reduce-scatter;
-#: not implemented by engine/strategies/multistep.py, modelled for comparison).
+#: strategies the engine implements (engine/strategies/*.py)
 STRATEGIES = ("blocking", "layerwise", "bucketed", "priority", "multistep")
+#: model only: the paper's FC variant of multistep (all-to-all of the FC
+#: inputs, allgather of the errors, for every Linear layer); the engine's
+#: multistep gathers the inputs whole instead (see the module docstring).
 MODEL_ONLY_STRATEGIES = ("multistep-fc",)
+
+#: multistep's ``fc_mode`` values (engine/strategies/multistep.py FC_MODES)
+FC_MODES = ("activations", "reduce_scatter", "auto")
+
+#: Share of a Linear layer's profiled backward that is the weight-gradient
+#: GEMM dW = dY^T X. dW and dX = dY W cost 2 b N_in N_out FLOPs each; the bias
+#: sum and the parameter-free layers attributed to the layer are small next
+#: to them, so half. (At the profile's tiny batch the layer is memory-bound
+#: and dW, which also accumulates into the N_out x N_in gradient, takes a
+#: larger share; at the target's batch, where the times are scaled linearly,
+#: FLOPs dominate.)
+FC_WEIGHT_GRAD_SHARE = 0.5
 
 STATS_PRIORITY = -1          # engine/trainer.py: the loss/flag allreduce
 ROUND_BYTES = 34 * 8         # ext/_progress.pxd: NEGOTIATION_LEN long longs
@@ -175,7 +217,7 @@ class LayerCost:
     update_s: float
     flops_fwd: float = 0.0
     param_bytes: tuple = ()
-    in_features: int = 0       # Linear layers: for the multistep-fc variant
+    in_features: int = 0       # Linear layers: multistep's FC path (0: unknown)
     out_features: int = 0
 
     @property
@@ -264,6 +306,22 @@ def alltoall_time(nbytes_per_rank: float, P: int, net: Network) -> float:
     return (P - 1) * net.alpha + (P - 1) / P * nbytes_per_rank * net.beta
 
 
+def sent_bytes(kind: str, nbytes: float, P: int, net: Network) -> float:
+    """Bytes one rank sends for one collective (the byte count of its beta term above).
+
+    `nbytes` as for the time functions: the whole vector, or for ``alltoall``
+    what each rank holds.
+    """
+    if P <= 1 or nbytes <= 0:
+        return 0.0
+    frac = (P - 1) / P
+    if kind == "allreduce":
+        return _lg(P) * nbytes if nbytes < net.allreduce_short_bytes else 2 * frac * nbytes
+    if kind in ("reduce_scatter", "allgather", "alltoall"):
+        return frac * nbytes
+    raise ValueError(kind)
+
+
 # ---------------------------------------------------------------------------
 # The engine's channel: negotiation, chunks, credit, priorities
 # ---------------------------------------------------------------------------
@@ -297,6 +355,7 @@ class Channel:
         self.link_free = 0.0
         self.seq = 0
         self.busy_s = 0.0                # link time used (all chunks)
+        self.sent_bytes = 0.0            # bytes this rank sends (all requests posted)
         self.log: list | None = []       # (label, start, end) when tracing
 
     def chunk_time(self, kind: str, nbytes: float) -> float:
@@ -326,6 +385,7 @@ class Channel:
         else:
             sizes = [nbytes]
         chunks = [self.chunk_time(kind, s) for s in sizes]
+        self.sent_bytes += sum(sent_bytes(kind, s, self.P, self.net) for s in sizes)
         r = _Request(self.seq, priority, chunks, t + self.round_s, label)
         self.seq += 1
         self.waiting.append(r)          # enqueue times never decrease: FIFO by admission
@@ -383,6 +443,7 @@ class Result:
     overlap_efficiency: float
     channel_busy_s: float  # link time of this iteration's chunks
     compute_thread_s: float  # compute-thread busy time of this iteration (no waits)
+    sent_bytes: float = 0.0  # bytes each rank sends in this iteration's collectives
     waits: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -391,6 +452,7 @@ class Result:
                   "compute_thread_s"):
             d[k.replace("_s", "_ms")] = round(1e3 * getattr(self, k), 4)
         d["overlap_efficiency"] = round(self.overlap_efficiency, 4)
+        d["sent_mb"] = round(self.sent_bytes / 1e6, 4)
         return d
 
 
@@ -435,12 +497,46 @@ def form_buckets(layers, bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+def fc_path(layer: LayerCost, global_batch: float, fc_mode: str = "auto") -> str:
+    """How multistep exchanges `layer`'s gradient: ``"activations"`` or ``"reduce_scatter"``.
+
+    engine/strategies/multistep.py (``ActivationExchange.chooses_activations``):
+    only Linear layers may take the activation path; with ``fc_mode="auto"``
+    they do when B (N_in + N_out) < N_in N_out, B the global batch (the values
+    each rank receives on the two paths, both x (P-1)/P, the weight
+    allgather aside). A layer whose shape is unknown (``in_features`` 0)
+    takes the conv path.
+    """
+    if fc_mode not in FC_MODES:
+        raise ValueError(f"fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
+    n_in, n_out = layer.in_features, layer.out_features
+    if layer.kind != "linear" or fc_mode == "reduce_scatter" or n_in <= 0 or n_out <= 0:
+        return "reduce_scatter"
+    if fc_mode == "activations":
+        return "activations"
+    return "activations" if global_batch * (n_in + n_out) < n_in * n_out else "reduce_scatter"
+
+
+def _fc_layers(strategy: str, layers, global_batch: float, fc_mode: str) -> dict:
+    """{layer index: (N_in, N_out)} of the layers on the activation path this step."""
+    if strategy == "multistep":
+        mode = fc_mode
+    elif strategy == "multistep-fc":
+        mode = "activations"         # the paper: every FC layer
+    else:
+        return {}
+    return {i: (l.in_features, l.out_features) for i, l in enumerate(layers)
+            if fc_path(l, global_batch, mode) == "activations"}
+
+
 def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile, engine: Engine,
                global_batch: int):
     """One Trainer.step of `strategy` on the simulated compute thread."""
     L = len(layers)
     copy = prof.copy_s_per_byte
     pending = state.setdefault("pending", {})       # layer -> requests to wait for in pre_forward
+    fc = state["fc"]                  # multistep: layers on the activation path
+    gathers = {}                      # layer -> [inputs request, errors request]
     # ---- forward (pre_forward hooks) ----
     for i, layer in enumerate(layers):
         if strategy in ("layerwise", "priority"):
@@ -456,16 +552,28 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         elif strategy in ("multistep", "multistep-fc"):
             for r in pending.pop(i, ()):
                 th.wait(r)
-            if strategy == "multistep-fc" and layer.kind == "linear" and P > 1:
-                # all-to-all of this FC layer's input activations (B/P x N_in per rank)
-                state.setdefault("fc_act", {})[i] = th.post(
-                    "alltoall", 4 * global_batch / P * layer.in_features, i, f"a2a {i}")
         th.compute(layer.fwd_s)
+        if i in fc:
+            # the Linear wrapper, after its forward: exchange the input X (B/P x N_in per rank)
+            n_in = fc[i][0]
+            if strategy == "multistep":      # allgather into B x N_in
+                gathers[i] = [th.post("allgather", 4 * global_batch * n_in, i,
+                                      f"allgather inputs {i}")]
+            else:                            # the paper: all-to-all, B/P x N_in/P per pair
+                gathers[i] = [th.post("alltoall", 4 * global_batch / P * n_in, i,
+                                      f"alltoall inputs {i}")]
     # ---- backward (grad_ready hooks) ----
     rs = {}
     for i in reversed(range(L)):
         layer = layers[i]
-        th.compute(layer.bwd_s + prof.check_s_per_byte * layer.grad_bytes)
+        bwd = layer.bwd_s
+        if i in fc:
+            # the Linear wrapper, before its backward: allgather of dY (B/P x N_out -> B x N_out);
+            # the backward then skips the weight gradient
+            gathers[i].append(th.post("allgather", 4 * global_batch * fc[i][1], i,
+                                      f"allgather errors {i}"))
+            bwd -= FC_WEIGHT_GRAD_SHARE * layer.bwd_s
+        th.compute(bwd + prof.check_s_per_byte * layer.grad_bytes)
         if strategy in ("layerwise", "priority"):
             prio = i if strategy == "priority" else 0
             pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in layer.tensors]
@@ -477,14 +585,9 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
                     r = th.post("allreduce", nbytes, 0, f"bucket {bucket[0]}..{bucket[-1]}")
                     for j in bucket:
                         pending[j] = [r]
-        elif strategy in ("multistep", "multistep-fc"):
-            if strategy == "multistep-fc" and layer.kind == "linear" and P > 1:
-                # allgather of the output errors (N_out x global batch); no weight reduce-scatter
-                rs[i] = [th.post("allgather", 4 * global_batch * layer.out_features, i,
-                                 f"errors {i}")]
-            else:
-                rs[i] = [th.post("reduce_scatter", b, i, f"reduce-scatter {i}")
-                         for b in layer.tensors]
+        elif strategy in ("multistep", "multistep-fc") and i not in fc:
+            rs[i] = [th.post("reduce_scatter", b, i, f"reduce-scatter {i}")
+                     for b in layer.tensors]
     # ---- end_backward ----
     total = sum(l.grad_bytes for l in layers)
     flat = None
@@ -504,10 +607,12 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         state["updated_lazily"] = True
     elif strategy in ("multistep", "multistep-fc"):
         for i in range(L):
-            for r in rs.get(i, ()):
+            for r in rs.get(i, ()) or gathers.get(i, ()):
                 th.wait(r)
-            if i in state.get("fc_act", {}):
-                th.wait(state["fc_act"].pop(i))
+            if i in fc:
+                # this rank's band of output rows over the global batch: (1/P) dY[:, band]^T X,
+                # 2 B N_in N_out / P FLOPs = the per-rank dW GEMM skipped in backprop
+                th.compute(FC_WEIGHT_GRAD_SHARE * layers[i].bwd_s)
             th.compute(layers[i].update_s / P)
             pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in layers[i].tensors]
     if bn is not None:
@@ -516,7 +621,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
 
 def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = Engine(),
              profile: Profile | None = None, iterations: int = 4, global_batch: int | None = None,
-             trace: bool = False) -> Result:
+             fc_mode: str = "auto", trace: bool = False) -> Result:
     """Predict one steady-state iteration of `strategy` on P ranks.
 
     Parameters
@@ -534,7 +639,12 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
     iterations : int
         Back-to-back iterations simulated; the last one is reported.
     global_batch : int, optional
-        Only for ``multistep-fc`` (activation volumes); default P x batch_per_rank.
+        Only for ``multistep`` and ``multistep-fc`` (the FC path's choice and
+        activation volumes); default P x batch_per_rank.
+    fc_mode : {"auto", "activations", "reduce_scatter"}
+        ``multistep``'s option of the same name (engine/strategies/multistep.py);
+        ignored by the other strategies (``multistep-fc`` takes the paper's
+        path for every Linear layer).
 
     Returns
     -------
@@ -544,6 +654,8 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
         raise ValueError(f"unknown strategy {strategy!r}")
     if P < 1:
         raise ValueError(f"P must be >= 1, got {P}")
+    if fc_mode not in FC_MODES:
+        raise ValueError(f"fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
     layers = list(layers)
     prof = profile or Profile(layers)
     if global_batch is None:
@@ -551,22 +663,25 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
     channel = Channel(net, P, engine)
     channel.log = [] if trace else None
     th = _Thread(channel)
-    state = {"buckets": form_buckets(layers, engine.bucket_bytes)}
+    state = {"buckets": form_buckets(layers, engine.bucket_bytes),
+             "fc": _fc_layers(strategy, layers, global_batch, fc_mode)}
     starts = []
     for _ in range(iterations):
-        starts.append((th.t, th.busy, channel.busy_s))
+        starts.append((th.t, th.busy, channel.busy_s, channel.sent_bytes))
         th.waited = 0.0
         _iteration(strategy, layers, th, state, P, prof, engine, global_batch)
     iter_s = th.t - starts[-1][0]
     thread_s = th.busy - starts[-1][1]
     # the last iteration's channel use: its own chunks may still run after it ends
     busy = channel.busy_s - starts[-1][2]
+    sent = channel.sent_bytes - starts[-1][3]
     compute_s = sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
     comm_s = blocking_comm_time(layers, net, P, engine)
     exposed = iter_s - compute_s
     denominator = min(compute_s, comm_s)
     efficiency = (compute_s + comm_s - iter_s) / denominator if denominator > 0 else 1.0
-    result = Result(strategy, P, iter_s, compute_s, comm_s, exposed, efficiency, busy, thread_s)
+    result = Result(strategy, P, iter_s, compute_s, comm_s, exposed, efficiency, busy, thread_s,
+                    sent)
     if trace:
         result.waits = channel.log
     return result

@@ -23,6 +23,27 @@ def compute(layers):
     return sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
 
 
+#: 6 conv + 2 Linear 512 x 512 layers: multistep's auto takes the activation path for
+#: the Linear ones at B < 256 (B (512 + 512) < 512 x 512)
+MIXED = ["conv"] * 6 + ["linear"] * 2
+
+
+def vgg16_layers(fwd=0.01, bwd=0.02):
+    """VGG-16's parameter layers (13 3x3 convs, fc6 25088 -> 4096, fc7, fc8), made-up times."""
+    channels = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+                (256, 512)] + [(512, 512)] * 5
+    layers = [cm.LayerCost(f"conv{i}", i, "conv", 9 * a * b + b, 4 * (9 * a * b + b), fwd, bwd,
+                           0.0, param_bytes=(4 * 9 * a * b, 4 * b))
+              for i, (a, b) in enumerate(channels)]
+    for n_in, n_out in ((25088, 4096), (4096, 4096), (4096, 1000)):
+        i = len(layers)
+        layers.append(cm.LayerCost(f"fc{i}", i, "linear", n_in * n_out + n_out,
+                                   4 * (n_in * n_out + n_out), fwd, bwd, 0.0,
+                                   param_bytes=(4 * n_in * n_out, 4 * n_out),
+                                   in_features=n_in, out_features=n_out))
+    return layers
+
+
 layer_lists = st.lists(
     st.tuples(st.integers(4, 8 << 20), st.floats(1e-5, 0.05), st.floats(1e-5, 0.05),
               st.floats(0.0, 0.01), st.sampled_from(["conv", "linear", "batchnorm"])),
@@ -69,20 +90,24 @@ def test_collectives_monotonic_in_bytes_and_beta(n, P):
 
 # -- the event simulation: limits ----------------------------------------------------
 
+@pytest.mark.parametrize("kinds", [None, MIXED])
 @pytest.mark.parametrize("strategy", ALL)
-def test_zero_communication_cost_is_compute(strategy):
-    layers = net_layers(update=0.0)
+def test_zero_communication_cost_is_compute(strategy, kinds):
+    layers = net_layers(update=0.0, kinds=kinds)
     r = cm.simulate(layers, FREE, strategy, P=16)
     assert r.iter_s == pytest.approx(compute(layers))
+    assert r.compute_thread_s == pytest.approx(compute(layers))   # the FC GEMM only moves
     assert r.exposed_comm_s == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("kinds", [None, MIXED])
 @pytest.mark.parametrize("strategy", ALL)
-def test_one_rank_is_compute(strategy):
-    layers = net_layers()
+def test_one_rank_is_compute(strategy, kinds):
+    layers = net_layers(kinds=kinds)
     r = cm.simulate(layers, GIGABIT, strategy, P=1)
     assert r.iter_s == pytest.approx(compute(layers))
     assert r.comm_s == 0.0
+    assert r.sent_bytes == 0.0
 
 
 def test_multistep_updates_one_pth_of_the_model():
@@ -91,9 +116,10 @@ def test_multistep_updates_one_pth_of_the_model():
     assert r.iter_s == pytest.approx(sum(l.fwd_s + l.bwd_s + l.update_s / 4 for l in layers))
 
 
+@pytest.mark.parametrize("kinds", [None, MIXED])
 @pytest.mark.parametrize("strategy", ALL)
-def test_infinite_bandwidth_leaves_only_latencies(strategy):
-    layers = net_layers()
+def test_infinite_bandwidth_leaves_only_latencies(strategy, kinds):
+    layers = net_layers(kinds=kinds)
     latency_only = cm.Network(alpha=1e-6, beta=0.0, gamma=0.0, poll_s=1e-6)
     r = cm.simulate(layers, latency_only, strategy, P=64)
     floor = sum(l.fwd_s + l.bwd_s + (l.update_s / 64 if strategy.startswith("multistep")
@@ -174,15 +200,103 @@ def test_buckets_match_the_strategy():
         assert cm.form_buckets(layers, size) == real
 
 
+# -- multistep's FC path (engine/strategies/multistep.py) ------------------------------
+
+def fc(n_in, n_out, kind="linear"):
+    return cm.LayerCost("fc", 0, kind, n_in * n_out, 4 * n_in * n_out, 0.0, 0.0, 0.0,
+                        in_features=n_in, out_features=n_out)
+
+
+def test_fc_path_auto_picks_the_smaller_exchange():
+    assert cm.fc_path(fc(25088, 4096), 256) == "activations"          # VGG-16 fc6
+    assert cm.fc_path(fc(84, 10), 256) == "reduce_scatter"            # LeNet's classifier
+    assert cm.fc_path(fc(25088, 4096), 8192) == "reduce_scatter"      # 239 M > 103 M values
+    assert cm.fc_path(fc(84, 10), 256, "activations") == "activations"
+    assert cm.fc_path(fc(25088, 4096), 256, "reduce_scatter") == "reduce_scatter"
+    assert cm.fc_path(fc(512, 512, kind="conv"), 2, "activations") == "reduce_scatter"
+    assert cm.fc_path(fc(0, 0), 2) == "reduce_scatter"                # shape unknown
+    with pytest.raises(ValueError, match="fc_mode"):
+        cm.fc_path(fc(8, 8), 2, "alltoall")
+    with pytest.raises(ValueError, match="fc_mode"):
+        cm.simulate(net_layers(), FREE, "multistep", 2, fc_mode="nope")
+
+
+@pytest.mark.parametrize("mode", cm.FC_MODES)
+def test_fc_path_is_the_engines_choice(mode):
+    """Same rule as ActivationExchange.chooses_activations, on small real Linear layers."""
+    from types import SimpleNamespace
+
+    from cnn.layers import Linear
+    from engine.strategies.multistep import ActivationExchange
+
+    for n_in, n_out in ((84, 10), (64, 64), (300, 20), (20, 300), (1024, 8)):
+        for P, local in ((1, 4), (2, 3), (4, 8), (8, 16), (16, 1), (64, 2)):
+            layer = Linear(n_in, n_out)
+            strategy = SimpleNamespace(exchanger=SimpleNamespace(size=P), fc_mode=mode)
+            engine = ActivationExchange(0, layer, strategy)
+            expected = ("activations" if mode != "reduce_scatter"
+                        and engine.chooses_activations(local) else "reduce_scatter")
+            engine.restore()
+            assert cm.fc_path(fc(n_in, n_out), P * local, mode) == expected
+
+
+def test_multistep_activations_send_far_less_for_vgg16():
+    layers, P, B = vgg16_layers(), 16, 256
+    act = cm.simulate(layers, GIGABIT, "multistep", P, global_batch=B)
+    rs = cm.simulate(layers, GIGABIT, "multistep", P, global_batch=B, fc_mode="reduce_scatter")
+    paper = cm.simulate(layers, GIGABIT, "multistep-fc", P, global_batch=B)
+    frac = (P - 1) / P
+    fcs = [l for l in layers if l.kind == "linear"]
+    grads = sum(l.grad_bytes for l in fcs)
+    activations = 4 * B * sum(l.in_features + l.out_features for l in fcs)
+    # the reduce-scatter of the FC gradients is replaced by the two allgathers
+    assert rs.sent_bytes - act.sent_bytes == pytest.approx(frac * (grads - activations))
+    assert activations < grads / 10                       # 43 MB instead of 494 MB
+    assert act.sent_bytes < 0.65 * rs.sent_bytes           # the weight allgathers remain
+    # the paper's all-to-all sends (P-1)/P B N_in / P instead of (P-1)/P B N_in for X
+    x = 4 * B * sum(l.in_features for l in fcs)
+    assert act.sent_bytes - paper.sent_bytes == pytest.approx(frac * (x - x / P))
+    assert paper.iter_s <= act.iter_s < rs.iter_s
+    assert act.channel_busy_s < rs.channel_busy_s
+
+
+def test_multistep_fc_hooks_follow_the_engine():
+    """X is gathered after the FC forward, dY just before its backward, both waited for
+    after backprop, where the slice GEMM (half the FC backward) runs."""
+    layers = net_layers(n=4, kinds=["conv", "conv", "linear", "linear"], fwd=0.01, bwd=0.02)
+    net = cm.Network(alpha=1e-6, beta=1e-12, gamma=0.0, poll_s=0.0)
+    r = cm.simulate(layers, net, "multistep", 2, global_batch=64, iterations=1, trace=True)
+    begin = {label: start for label, start, _ in r.waits}
+    assert "reduce-scatter 1" in begin
+    assert "reduce-scatter 2" not in begin and "reduce-scatter 3" not in begin
+    fwd = [sum(l.fwd_s for l in layers[:i + 1]) for i in range(4)]
+    assert begin["allgather inputs 2"] == pytest.approx(fwd[2], abs=1e-4)
+    assert begin["allgather inputs 3"] == pytest.approx(fwd[3], abs=1e-4)
+    # backward of layer 3 (first) then layer 2, each without its dW GEMM (half of 0.02 s)
+    assert begin["allgather errors 3"] == pytest.approx(fwd[3], abs=1e-4)
+    assert begin["allgather errors 2"] == pytest.approx(fwd[3] + 0.01, abs=1e-4)
+    assert r.compute_thread_s == pytest.approx(sum(l.fwd_s + l.bwd_s + l.update_s / 2
+                                                   for l in layers), rel=1e-3)
+    # a slow link: layer 2's dY arrives long after backprop; its slice GEMM waits for it
+    slow = cm.Network(alpha=1e-6, beta=1e-6, gamma=0.0, poll_s=0.0)
+    s = cm.simulate(layers, slow, "multistep", 2, global_batch=64, iterations=1, trace=True)
+    end = {label: e for label, _, e in s.waits}
+    assert end["allgather errors 2"] > compute(layers)
+    # then: slice GEMM + 1/P update of layer 2, the same for layer 3
+    assert s.iter_s >= end["allgather errors 2"] + 2 * (0.01 + layers[2].update_s / 2)
+
+
 def test_multistep_fc_variant_sends_less_for_big_fc_layers():
     kinds = ["conv"] * 4 + ["linear"] * 2
     layers = [cm.LayerCost(f"l{i}", i, k, 0, (64 << 20) if k == "linear" else (1 << 20),
                            0.01, 0.02, 0.0, in_features=4096, out_features=4096)
               for i, k in enumerate(kinds)]
+    rs = cm.simulate(layers, GIGABIT, "multistep", 16, global_batch=256, fc_mode="reduce_scatter")
     a = cm.simulate(layers, GIGABIT, "multistep", 16, global_batch=256)
     b = cm.simulate(layers, GIGABIT, "multistep-fc", 16, global_batch=256)
-    assert b.channel_busy_s < a.channel_busy_s
-    assert b.iter_s < a.iter_s
+    assert b.sent_bytes < a.sent_bytes < rs.sent_bytes
+    assert b.channel_busy_s < a.channel_busy_s < rs.channel_busy_s
+    assert b.iter_s <= a.iter_s < rs.iter_s
 
 
 def test_simulation_is_fast():
