@@ -95,6 +95,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from engine.strategies.bucketed import bucket_indices
+
 __all__ = ["FC_MODES", "FC_WEIGHT_GRAD_SHARE", "MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel",
            "Engine", "LayerCost", "Network", "Profile", "Result", "allgather_time",
            "allreduce_time", "alltoall_time", "blocking_comm_time", "fc_path", "form_buckets",
@@ -483,18 +485,8 @@ class _Thread:
 
 
 def form_buckets(layers, bucket_bytes: int) -> list[list[int]]:
-    """Layer indices per bucket, exactly as engine/strategies/bucketed.py forms them:
-    backprop order, a bucket closes once it holds >= bucket_bytes."""
-    buckets, current, nbytes = [], [], 0
-    for i in reversed(range(len(layers))):
-        current.append(i)
-        nbytes += layers[i].grad_bytes
-        if nbytes >= bucket_bytes:
-            buckets.append(sorted(current))
-            current, nbytes = [], 0
-    if current:
-        buckets.append(sorted(current))
-    return buckets
+    """Layer indices per bucket, formed by the strategy's own rule (bucketed.bucket_indices)."""
+    return bucket_indices([layer.grad_bytes for layer in layers], bucket_bytes)
 
 
 def fc_path(layer: LayerCost, global_batch: float, fc_mode: str = "auto") -> str:

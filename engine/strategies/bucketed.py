@@ -36,18 +36,32 @@ class Bucket:
         self.waited = False
 
 
-def form_buckets(layers, bucket_bytes: int) -> list[Bucket]:
-    """Group layers in backprop order into buckets of >= bucket_bytes (the last may be smaller)."""
+def bucket_indices(grad_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Layer indices per bucket: walk the layers in backprop order and close a
+    bucket once it holds >= bucket_bytes (the last may be smaller). A function
+    of sizes alone, so every rank (and the cost model) forms the same buckets.
+
+    Parameters
+    ----------
+    grad_bytes : list of int, one per layer in forward order
+    """
     buckets, current, nbytes = [], [], 0
-    for i in reversed(range(len(layers))):
-        current.append((i, layers[i]))
-        nbytes += sum(p.grad.nbytes for p in layers[i].params)
+    for i in reversed(range(len(grad_bytes))):
+        current.append(i)
+        nbytes += grad_bytes[i]
         if nbytes >= bucket_bytes:
-            buckets.append(Bucket(current))
+            buckets.append(sorted(current))
             current, nbytes = [], 0
     if current:
-        buckets.append(Bucket(current))
+        buckets.append(sorted(current))
     return buckets
+
+
+def form_buckets(layers, bucket_bytes: int) -> list[Bucket]:
+    """The `Bucket`s of `bucket_indices` over the model's layers, in posting order."""
+    sizes = [sum(p.grad.nbytes for p in layer.params) for layer in layers]
+    return [Bucket([(i, layers[i]) for i in sorted(indices, reverse=True)])
+            for indices in bucket_indices(sizes, bucket_bytes)]
 
 
 class Bucketed(Strategy):
