@@ -26,7 +26,7 @@ unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 links=(loopback 1gbit)
 [ "$mode" = full ] && links+=(10gbit)
 iters=6
-[ "$mode" = full ] && iters=12
+[ "$mode" = full ] && iters=8
 
 netlink_ok=1
 bench/netlink --rate 1gbit -- true 2>/dev/null || { netlink_ok=0; echo "suite: emulated links unavailable (bench/netlink needs root and iproute2); running loopback only"; }
