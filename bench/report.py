@@ -114,7 +114,7 @@ def step_section(rows):
         lines.append(f"| {r['model']} | {r.get('link', '?')} | {r['strategy']} | {r['iter_ms']:.1f} | "
                      f"{r['compute_ms']:.1f} | {r['comm_ms']:.1f} | {r['exposed_comm_ms']:.1f} | "
                      f"{r['overlap_efficiency']:.2f} | {r['bytes_per_iter'] / 1e6:.1f} | "
-                     f"{r['progress_cpu_s']:.3f} |")
+                     f"{'n/a' if r['progress_cpu_s'] is None else format(r['progress_cpu_s'], '.3f')} |")
     groups = sorted({(r["model"], r.get("link")) for r in rows}, key=lambda g: (g[0], link_key(g[1])))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.6), squeeze=False)
     for ax, (model, link) in zip(axes[0], groups):

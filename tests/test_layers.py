@@ -568,3 +568,92 @@ def test_conv2d_same_bits_run_to_run(threads):
     finally:
         conv_module.CHUNK_ELEMENTS = old
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("algorithm", ["shifted", "im2col"])
+@FAST
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+       out_channels=st.integers(1, 5), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       bias=st.booleans(), seed=seeds)
+def test_conv3x3_shifted_and_im2col_match_reference(algorithm, shape, out_channels, padding, bias,
+                                                      seed):
+    """The stride-1 3x3 layers that `conv3x3_shifted_kernel` takes, run both ways."""
+    import cnn.layers.conv as conv_module
+
+    n, c, height, width = shape
+    if height + 2 * padding[0] < 3 or width + 2 * padding[1] < 3:
+        return
+    rng = np.random.default_rng(seed)
+    layer = Conv2D(c, out_channels, 3, 1, padding, bias=bias, rng=rng)
+    names = ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS")
+    old = [getattr(conv_module, name) for name in names]
+    for name in names:
+        setattr(conv_module, name, 0 if algorithm == "shifted" else 10**9)
+    try:
+        assert layer._shifted(shape) == (algorithm == "shifted")
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = layer.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        layer.weight.grad[...] = 0.25  # accumulates
+        dx = layer.backward(dy)
+    finally:
+        for name, value in zip(names, old):
+            setattr(conv_module, name, value)
+    w64 = layer.weight.data.astype(np.float64)
+    b64 = layer.bias.data.astype(np.float64) if bias else None
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    close32(y, conv2d_forward_reference(x64, w64, b64, (1, 1), padding))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), padding)
+    close32(dx, dx_ref)
+    close32(layer.weight.grad, dw_ref + 0.25)
+    if bias:
+        close32(layer.bias.grad, db_ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv3x3_shifted_same_bits_run_to_run(threads):
+    """The shifted-view layers' weight gradient is summed per chunk, chunks in order."""
+    cnn.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((37, 8, 7, 9)).astype(np.float32)
+        dy = rng.standard_normal((37, 12, 7, 9)).astype(np.float32)
+        runs = []
+        for _ in range(4):
+            layer = Conv2D(8, 12, 3, padding=1, rng=np.random.default_rng(0))
+            assert layer._shifted(x.shape)
+            y = layer.forward(x)
+            dx = layer.backward(dy)
+            runs.append([y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()])
+        for run in runs[1:]:
+            for got, first in zip(run, runs[0]):
+                assert np.array_equal(got, first)
+        layer.zero_grad()
+        layer.skip_input_grad = True
+        assert layer.backward(dy) is None
+        assert np.array_equal(layer.weight.grad, runs[0][2])
+        dx_ref, dw_ref, db_ref = conv2d_backward_reference(
+            dy.astype(np.float64), x.astype(np.float64),
+            layer.weight.data.astype(np.float64), (1, 1), (1, 1))
+        close32(runs[0][1], dx_ref)
+        close32(runs[0][2], dw_ref)
+        close32(runs[0][3], db_ref)
+    finally:
+        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 5, 7), (3, 1, 2, 3)])
+def test_maxpool_2x2_fast_path_matches_reference(shape):
+    """MaxPool2D(2) has its own forward kernel; ties go to the first maximum."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-2, 3, size=shape).astype(np.float32)  # many ties
+    layer = MaxPool2D(2)
+    assert layer._fast_path()
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    y_ref, argmax = maxpool2d_forward_reference(x.astype(np.float64), (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(y, y_ref)
+    dx_ref = maxpool2d_backward_reference(dy.astype(np.float64), argmax, shape, (2, 2), (2, 2),
+                                          (0, 0))
+    close32(dx, dx_ref)

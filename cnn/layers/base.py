@@ -4,7 +4,10 @@ import numpy as np
 
 # Kernel options shared by every numba kernel in cnn/layers: nogil because a
 # communication thread runs alongside; fastmath off so results match the
-# numpy references to float32 rounding.
+# numpy references to float32 rounding. The one exception is the row-sum
+# helpers of batch norm and conv (REDUCTION_OPTIONS there): they allow
+# reassociation ("reassoc" only) so LLVM vectorises the sums; the order is
+# fixed at compile time, so runs stay bit-identical.
 NUMBA_OPTIONS = {"parallel": True, "nogil": True, "cache": True, "fastmath": False}
 
 

@@ -15,6 +15,8 @@ residual block are two ReLU objects), so its ``backward`` runs exactly once per
 
 import time
 
+import numpy as np
+
 from cnn.layers import BatchNorm2d, Conv2D, ReLU
 
 __all__ = ["BasicBlock", "Bottleneck", "Container", "Dispatcher", "Sequential"]
@@ -207,7 +209,11 @@ class _ResidualBlock(Container):
         for layer in self.main:
             out = self._forward(layer, out, train)
         shortcut = x if self.downsample is None else self._forward(self.downsample, x, train)
-        out = out + shortcut
+        if isinstance(self.main[-1], BatchNorm2d):
+            # BatchNorm2d keeps its input, not its output: the sum can reuse the output
+            np.add(out, shortcut, out=out)
+        else:
+            out = out + shortcut
         return self._forward(self.relu_out, out, train)
 
     def backward(self, dy):
@@ -221,6 +227,9 @@ class _ResidualBlock(Container):
             dx = self._backward(layer, dx)
         if dx is None or dx_shortcut is None:  # first layer of a model: no input gradient wanted
             return None
+        if isinstance(self.main[0], Conv2D):
+            # Conv2D returns a fresh dx that nothing else holds: add in place
+            return np.add(dx, dx_shortcut, out=dx)
         return dx + dx_shortcut
 
 
