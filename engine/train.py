@@ -30,6 +30,7 @@ import cnn
 from cnn import models
 from cnn.checkpoint import load_checkpoint, save_checkpoint
 from cnn.data import (
+    DatasetError,
     ShardedSampler,
     SyntheticDataset,
     load_cifar10,
@@ -322,7 +323,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         metrics = run(args, comm)
-    except ConfigError as e:              # raised alike on every rank, before any work
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        # Raised alike on every rank (each reads the same files), before any work.
         if comm.Get_rank() == 0:
             print(f"engine.train: error: {e}", file=sys.stderr)
         return 2
