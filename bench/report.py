@@ -23,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from engine.profile import machine_info  # noqa: E402
+
 RESULTS = "bench/results"
 STRATEGIES = ["blocking", "layerwise", "bucketed", "priority", "multistep", "lazy", "ddp", "mpi4py"]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -51,16 +53,9 @@ def size_label(n):
 
 
 def machine():
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+    info = machine_info()
+    return (f"{info['cpu'] or 'unknown CPU'}, {info['cores']} cores, Linux {platform.release()}, "
+            f"Python {info['python']}")
 
 
 def overlap_section(rows):
