@@ -165,8 +165,9 @@ class Exchanger:
         Most MPI requests outstanding at once (a credit, as in ByteScheduler):
         few enough that priorities still matter, enough to keep the link busy.
     poll_us : int
-        Sleep between two polls of MPI while requests are in flight (the
-        thread's backoff, like Horovod's cycle time).
+        Longest sleep between two polls of MPI while requests are in flight:
+        after each event the thread polls again after 1 us, then doubles the
+        sleep up to poll_us (its backoff, like Horovod's cycle time).
     pin_cpu : int or None
         Pin the progress thread to this core (PCNN pins its thread); off by default.
     trace : bool
