@@ -88,6 +88,21 @@ cdef void finish_request(engine_t* e, request_t* r) noexcept nogil:
 # Posting and completing chunks (progress thread only)
 # ----------------------------------------------------------------------------
 
+cdef inline long long piece_length(long long total, long long chunk_elems, int c) noexcept nogil:
+    """Elements of chunk c in a run of `total` split into chunks of chunk_elems (may be 0)."""
+    cdef long long n = total - c * chunk_elems
+    return 0 if n < 0 else (chunk_elems if n > chunk_elems else n)
+
+
+cdef int fail_post(engine_t* e, int k, request_t* r, const char* what) noexcept nogil:
+    """A chunk could not be set up (out of memory): the request fails, nothing is posted."""
+    free_slot_buffers(&e.slots[k])
+    snprintf(r.errmsg, ERRMSG_LEN, b"out of memory %s chunk %d", what, r.chunks_posted)
+    r.failed = 1
+    r.chunks_posted += 1
+    return -1
+
+
 cdef void free_slot_buffers(slot_t* s) noexcept nogil:
     free(s.counts)
     free(s.displs)
@@ -113,9 +128,7 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     e.slots[k].staging = NULL
     if r.kind == KIND_ALLREDUCE:
         offset = c * r.chunk_elems
-        n = r.count - offset
-        if n > r.chunk_elems:
-            n = r.chunk_elems
+        n = piece_length(r.count, r.chunk_elems, c)
         rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
                             MPI_OP_NULL if r.fault else r.op, e.comm, &e.mpi_reqs[k])
     else:
@@ -124,16 +137,11 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
         e.slots[k].counts = <int*>malloc(e.size * sizeof(int))
         e.slots[k].displs = <int*>malloc(e.size * sizeof(int))
         if e.slots[k].counts == NULL or e.slots[k].displs == NULL:
-            free_slot_buffers(&e.slots[k])
-            snprintf(r.errmsg, ERRMSG_LEN, b"out of memory posting chunk %d", c)
-            r.failed = 1
-            r.chunks_posted += 1
-            return -1
+            return fail_post(e, k, r, b"posting")
         n = 0
         offset = c * r.chunk_elems
         for p in range(e.size):
-            piece = r.counts[p] - offset
-            piece = 0 if piece < 0 else (r.chunk_elems if piece > r.chunk_elems else piece)
+            piece = piece_length(r.counts[p], r.chunk_elems, c)
             e.slots[k].counts[p] = <int>piece
             e.slots[k].displs[p] = <int>(r.displs[p] + offset)
             n += piece
@@ -141,11 +149,7 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
             # MPI wants the pieces contiguous in rank order: pack them.
             e.slots[k].staging = <char*>malloc(n * r.itemsize + 1)
             if e.slots[k].staging == NULL:
-                free_slot_buffers(&e.slots[k])
-                snprintf(r.errmsg, ERRMSG_LEN, b"out of memory packing chunk %d", c)
-                r.failed = 1
-                r.chunks_posted += 1
-                return -1
+                return fail_post(e, k, r, b"packing")
             packed = 0
             for p in range(e.size):
                 memcpy(e.slots[k].staging + packed * r.itemsize,
@@ -188,14 +192,10 @@ cdef void divide_by_size(engine_t* e, request_t* r, int chunk) noexcept nogil:
     cdef float pf = <float>e.size
     if r.kind == KIND_ALLREDUCE:
         base = r.buf + chunk * r.chunk_elems * r.itemsize
-        n = r.count - chunk * r.chunk_elems
-        if n > r.chunk_elems:
-            n = r.chunk_elems
+        n = piece_length(r.count, r.chunk_elems, chunk)
     else:
         base = r.out + chunk * r.chunk_elems * r.itemsize
-        n = r.counts[e.rank] - chunk * r.chunk_elems
-        if n > r.chunk_elems:
-            n = r.chunk_elems
+        n = piece_length(r.counts[e.rank], r.chunk_elems, chunk)
     if r.itemsize == 4:
         f = <float*>base
         for i in range(n):
