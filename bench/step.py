@@ -57,6 +57,13 @@ def batches(model, batch, count, rank):
             for k in range(count)]
 
 
+def setup(args, comm):
+    """Threads, a fresh model and this rank's synthetic batches for warmup + iters steps."""
+    cnn.set_num_threads(args.threads)
+    model = models.build(args.model, seed=0)
+    return model, batches(model, args.batch_size_per_rank, args.warmup + args.iters, comm.rank)
+
+
 def compute_only(model, data, warmup):
     """Times (s) of forward + backward + local update, no communication."""
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -89,11 +96,7 @@ def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5):
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
-    cnn.set_num_threads(args.threads)
-    count = args.warmup + args.iters
-    model = models.build(args.model, seed=0)
-    data = batches(model, args.batch_size_per_rank, count, comm.rank)
-
+    model, data = setup(args, comm)
     comm.Barrier()
     # Compute-only steps are timed before and after the strategy's steps: on a
     # shared machine the speed drifts, and one side alone would bias the difference.

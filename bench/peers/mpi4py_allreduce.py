@@ -18,9 +18,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-import cnn
 from bench.common import report, step_arguments, step_record
-from bench.step import batches, compute_only
+from bench.step import compute_only, setup
 from cnn import models
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
@@ -34,10 +33,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
-    cnn.set_num_threads(args.threads)
-    count = args.warmup + args.iters
-    model = models.build(args.model, seed=0)
-    data = batches(model, args.batch_size_per_rank, count, comm.rank)
+    model, data = setup(args, comm)
+    count = len(data)
     comm.Barrier()
     compute_times = compute_only(model, data, args.warmup)
 
