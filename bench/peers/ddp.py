@@ -86,6 +86,8 @@ def main(argv=None):
     flat = torch.ones(sum(p.numel() for p in model.parameters()))
     comm_ms = timed(lambda: dist.all_reduce(flat))
 
+    # Keep `ddp` alive until destroy_process_group: letting the wrapper be
+    # collected earlier made gloo abort the process at exit.
     ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
