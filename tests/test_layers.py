@@ -570,14 +570,13 @@ def test_conv2d_same_bits_run_to_run(threads):
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-@pytest.mark.parametrize("algorithm", ["shifted", "im2col"])
+@pytest.mark.parametrize("algorithm", ["winograd", "shifted", "im2col"])
 @FAST
 @given(shape=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
        out_channels=st.integers(1, 5), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        bias=st.booleans(), seed=seeds)
-def test_conv3x3_shifted_and_im2col_match_reference(algorithm, shape, out_channels, padding, bias,
-                                                      seed):
-    """The stride-1 3x3 layers that `conv3x3_shifted_kernel` takes, run both ways."""
+def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padding, bias, seed):
+    """The stride-1 3x3 layers, run by each of the three algorithms."""
     import cnn.layers.conv as conv_module
 
     n, c, height, width = shape
@@ -585,11 +584,14 @@ def test_conv3x3_shifted_and_im2col_match_reference(algorithm, shape, out_channe
         return
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, out_channels, 3, 1, padding, bias=bias, rng=rng)
-    names = ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS")
-    old = [getattr(conv_module, name) for name in names]
-    for name in names:
-        setattr(conv_module, name, 0 if algorithm == "shifted" else 10**9)
+    thresholds = {"WINOGRAD_MIN_CHANNELS": 0 if algorithm == "winograd" else 10**9}
+    for name in ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS"):
+        thresholds[name] = 0 if algorithm == "shifted" else 10**9
+    old = {name: getattr(conv_module, name) for name in thresholds}
+    for name, value in thresholds.items():
+        setattr(conv_module, name, value)
     try:
+        assert layer._winograd() == (algorithm == "winograd")
         assert layer._shifted(shape) == (algorithm == "shifted")
         x = rng.standard_normal(shape).astype(np.float32)
         y = layer.forward(x)
@@ -597,7 +599,7 @@ def test_conv3x3_shifted_and_im2col_match_reference(algorithm, shape, out_channe
         layer.weight.grad[...] = 0.25  # accumulates
         dx = layer.backward(dy)
     finally:
-        for name, value in zip(names, old):
+        for name, value in old.items():
             setattr(conv_module, name, value)
     w64 = layer.weight.data.astype(np.float64)
     b64 = layer.bias.data.astype(np.float64) if bias else None
@@ -657,3 +659,130 @@ def test_maxpool_2x2_fast_path_matches_reference(shape):
     dx_ref = maxpool2d_backward_reference(dy.astype(np.float64), argmax, shape, (2, 2), (2, 2),
                                           (0, 0))
     close32(dx, dx_ref)
+
+
+# ---------------------------------------------------------------------------
+# Winograd F(2x2, 3x3)
+# ---------------------------------------------------------------------------
+
+
+@FAST
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 8), st.integers(1, 8)),
+       out_channels=st.integers(1, 3), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       seed=seeds)
+def test_winograd_references_match_direct_convolution(shape, out_channels, padding, seed):
+    """The numpy F(2x2, 3x3) references are exact in float64 (to rounding)."""
+    from cnn.layers.winograd import winograd_forward_reference, winograd_weight_grad_reference
+
+    n, c, height, width = shape
+    if height + 2 * padding[0] < 3 or width + 2 * padding[1] < 3:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((out_channels, c, 3, 3))
+    b = rng.standard_normal(out_channels)
+    y = conv2d_forward_reference(x, w, b, (1, 1), padding)
+    np.testing.assert_allclose(winograd_forward_reference(x, w, b, padding), y, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    _, dw, _ = conv2d_backward_reference(dy, x, w, (1, 1), padding)
+    np.testing.assert_allclose(winograd_weight_grad_reference(dy, x, padding), dw, atol=1e-12)
+
+
+def _winograd_layer_run(x, dy, out_channels, padding=(1, 1)):
+    layer = Conv2D(x.shape[1], out_channels, 3, padding=padding, rng=np.random.default_rng(0))
+    assert layer._winograd()
+    layer.weight.grad[...] = 0.5  # accumulates onto an existing gradient
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    return layer, [y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()]
+
+
+def test_winograd_same_bits_for_any_thread_count():
+    """Chunks depend on the layer shape only and every output element is one
+    thread's work: 1 and 2 threads give the same bits, run after run, also with
+    many chunks and odd (partial-tile) sizes."""
+    import cnn.layers.winograd as winograd_module
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
+    dy = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
+    old = winograd_module.CHUNK_ELEMENTS
+    winograd_module.CHUNK_ELEMENTS = 16 * 128 * 12 * 2  # 2 samples per chunk: 5 chunks
+    runs = []
+    try:
+        for threads in (1, 2, 1, 2):
+            cnn.set_num_threads(threads)
+            layer, run = _winograd_layer_run(x, dy, 64)
+            runs.append(run)
+    finally:
+        winograd_module.CHUNK_ELEMENTS = old
+        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0]):
+            assert np.array_equal(got, first)
+    w64 = layer.weight.data.astype(np.float64)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    close32(runs[0][0], conv2d_forward_reference(x64, w64, np.zeros(64), (1, 1), (1, 1)))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
+    close32(runs[0][1], dx_ref)
+    close32(runs[0][2], dw_ref + 0.5)
+    close32(runs[0][3], db_ref)
+
+
+def test_winograd_skip_input_grad_and_no_bias():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 64, 4, 6)).astype(np.float32)
+    layer = Conv2D(64, 64, 3, padding=2, bias=False, rng=rng)
+    assert layer._winograd()
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    layer.skip_input_grad = True
+    assert layer.backward(dy) is None
+    _, dw_ref, _ = conv2d_backward_reference(dy.astype(np.float64), x.astype(np.float64),
+                                             layer.weight.data.astype(np.float64), (1, 1), (2, 2))
+    close32(layer.weight.grad, dw_ref)
+    close32(y, conv2d_forward_reference(x.astype(np.float64),
+                                        layer.weight.data.astype(np.float64), None, (1, 1), (2, 2)))
+
+
+def test_winograd_sgemm_row_blocks():
+    """More threads than the 16 products: each product split into row blocks."""
+    from cnn.layers.blas import single_threaded_blas
+    from cnn.layers.winograd import batched_sgemm
+
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((16, 37, 20)).astype(np.float32)
+    b = rng.standard_normal((16, 20, 11)).astype(np.float32)
+    bt = np.ascontiguousarray(b.transpose(0, 2, 1))
+    expected = np.einsum("kij,kjl->kil", a.astype(np.float64), b.astype(np.float64))
+    for row_blocks in (1, 3, 64):
+        c = np.full((16, 37, 11), 2.0, dtype=np.float32)
+        with single_threaded_blas():
+            batched_sgemm(False, a, b, 1.0, c, row_blocks)
+        close32(c, expected + 2.0)
+        with single_threaded_blas():
+            batched_sgemm(True, a, bt, 0.0, c, row_blocks)
+        close32(c, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@FAST
+@given(m=st.integers(1, 70), k=st.integers(1, 9), n=st.integers(1, 70),
+       trans_a=st.booleans(), trans_b=st.booleans(), seed=seeds)
+def test_matmul_on_numba_threads(threads, m, k, n, trans_a, trans_b, seed):
+    """cnn.layers.blas.matmul: transposed views, single rows, accumulation."""
+    from cnn.layers.blas import matmul
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    a_op, b_op = (a.T if trans_a else a), (b.T if trans_b else b)
+    expected = a_op.astype(np.float64) @ b_op.astype(np.float64)
+    cnn.set_num_threads(threads)
+    try:
+        close32(matmul(a_op, b_op), expected)
+        out = np.ones((m, n), dtype=np.float32)
+        assert matmul(a_op, b_op, out=out, accumulate=True) is out
+        close32(out, expected + 1.0)
+    finally:
+        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)

@@ -21,23 +21,22 @@ summed per chunk and the chunks added in chunk order afterwards, so the result
 is the same bits run to run for a given thread count (the chunking, hence the
 rounding, depends on the thread count).
 
-3x3 stride-1 layers with large enough output planes skip im2col: 9 SGEMMs
-per sample on shifted views of the zero-padded sample (`conv3x3_shifted_kernel`,
-`conv3x3_shifted_weight_grad_kernel`); `Conv2D._shifted` decides.
+3x3 stride-1 layers take one of two faster paths (`Conv2D.forward` picks):
+with 64 or more channels in and out, Winograd's F(2x2, 3x3), 2.25x fewer
+multiplications (cnn/layers/winograd.py, `Conv2D._winograd`); with fewer
+channels but large enough output planes, 9 SGEMMs per sample on shifted views
+of the zero-padded sample, no im2col (`conv3x3_shifted_kernel`,
+`conv3x3_shifted_weight_grad_kernel`, `Conv2D._shifted`).
 """
-
-import ctypes
 
 import numba
 import numpy as np
-import threadpoolctl
-from llvmlite import binding as llvm
-from numba import njit, prange, types, uint64
-from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
+from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, Layer, Parameter, output_size, pair, scratch
+from .blas import REDUCTION_OPTIONS, SERIAL_OPTIONS, sgemm, single_threaded_blas, take_chunk
+from .winograd import winograd_conv, winograd_weight_grad
 
 # ---------------------------------------------------------------------------
 # plain-numpy references (dtype-generic: float64 serves gradient checks)
@@ -109,81 +108,6 @@ def conv2d_backward_reference(dy, x, weight, stride, padding):
     dwin = np.einsum("nohw,ocij->nchwij", dy, weight, optimize=True)
     dx = _scatter_windows(dwin, x.shape, kernel_size, stride, padding)
     return np.ascontiguousarray(dx), dweight, dbias
-
-
-# ---------------------------------------------------------------------------
-# single-threaded SGEMM callable from numba kernels
-# ---------------------------------------------------------------------------
-
-
-def _numpy_openblas():
-    """numpy's bundled OpenBLAS (ILP64, ``scipy_`` prefix and ``64_`` suffix)."""
-    for info in threadpoolctl.threadpool_info():
-        if info.get("internal_api") == "openblas":
-            lib = ctypes.CDLL(info["filepath"])
-            if hasattr(lib, "scipy_cblas_sgemm64_"):
-                return lib
-    raise ImportError("cnn.layers.conv needs numpy's bundled OpenBLAS (scipy_cblas_sgemm64_)")
-
-
-_openblas = _numpy_openblas()
-_openblas.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
-_openblas.scipy_openblas_set_num_threads64_.argtypes = [ctypes.c_int]
-# Compiled kernels name the symbol, not its address, so numba's on-disk cache
-# stays valid across processes; the address is registered at every import.
-llvm.add_symbol("scipy_cblas_sgemm64_",
-                ctypes.cast(_openblas.scipy_cblas_sgemm64_, ctypes.c_void_p).value)
-_float_pointer = types.CPointer(types.float32)
-# cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-_cblas_sgemm = types.ExternalFunction("scipy_cblas_sgemm64_", types.void(
-    types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
-    types.float32, _float_pointer, types.int64, _float_pointer, types.int64,
-    types.float32, _float_pointer, types.int64))
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-
-# Kernels called from inside a parallel region: serial themselves.
-SERIAL_OPTIONS = {**NUMBA_OPTIONS, "parallel": False}
-# Serial kernels with a float32 sum: "reassoc" lets LLVM keep a vector of
-# partial sums (see cnn/layers/batchnorm.py); the order is fixed at compile time.
-REDUCTION_OPTIONS = {**SERIAL_OPTIONS, "fastmath": {"reassoc"}}
-
-
-@intrinsic
-def _data_pointer(typingctx, array):
-    """Address of array's first element, as float32*."""
-    def codegen(context, builder, signature, args):
-        return make_array(signature.args[0])(context, builder, value=args[0]).data
-    return types.CPointer(array.dtype)(array), codegen
-
-
-@njit(**SERIAL_OPTIONS)
-def sgemm(trans_a, trans_b, alpha, a, b, beta, c):
-    """c = alpha * op(a) @ op(b) + beta * c, op = transpose where asked.
-
-    a, b, c : 2-D float32 with contiguous rows (row stride free: the leading
-    dimension). Runs on the calling thread as long as OpenBLAS is limited to
-    one thread (see `_single_threaded_blas`).
-    """
-    m, n = c.shape
-    k = a.shape[0] if trans_a else a.shape[1]
-    _cblas_sgemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
-                 m, n, k, np.float32(alpha), _data_pointer(a), a.strides[0] // 4,
-                 _data_pointer(b), b.strides[0] // 4, np.float32(beta), _data_pointer(c),
-                 c.strides[0] // 4)
-
-
-class _single_threaded_blas:
-    """Limit OpenBLAS to one thread inside the block: its own pool must stay
-    parked while numba's threads call it. Cheaper than threadpoolctl per call."""
-
-    def __enter__(self):
-        self.saved = _openblas.scipy_openblas_get_num_threads64_()
-        if self.saved != 1:
-            _openblas.scipy_openblas_set_num_threads64_(1)
-
-    def __exit__(self, *exc):
-        if self.saved != 1:
-            _openblas.scipy_openblas_set_num_threads64_(self.saved)
 
 
 # ---------------------------------------------------------------------------
@@ -308,16 +232,6 @@ def nchw_to_channel_major(dy, dy2, dbias):
         dbias[o] += total
 
 
-@intrinsic
-def _take_chunk(typingctx, counter):
-    """Atomically counter[0] += 1 and return the old value: the next chunk to do."""
-    def codegen(context, builder, signature, args):
-        data = make_array(signature.args[0])(context, builder, value=args[0]).data
-        one = context.get_constant(types.int64, 1)
-        return builder.atomic_rmw("add", data, one, "monotonic")
-    return types.int64(counter), codegen
-
-
 @njit(**NUMBA_OPTIONS)
 def conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out, chunk,
                           cols_scratch, y2_scratch, y):
@@ -336,7 +250,7 @@ def conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out,
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(cols_scratch.shape[0]):
         while True:
-            c = _take_chunk(counter)
+            c = take_chunk(counter)
             if c >= n_chunks:
                 break
             lo = c * chunk
@@ -368,7 +282,7 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(cols_scratch.shape[0]):
         while True:
-            c = _take_chunk(counter)
+            c = take_chunk(counter)
             if c >= n_chunks:
                 break
             lo = c * chunk
@@ -478,7 +392,7 @@ def conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, padded_scratch, acc_scr
         rows = padded_scratch[worker][: channels * plane].reshape((channels, plane))
         acc = acc_scratch[worker][: channels_out * span].reshape((channels_out, span))
         while True:
-            sample = _take_chunk(counter)
+            sample = take_chunk(counter)
             if sample >= n:
                 break
             pad_sample(x[sample], ph, pw, rows.reshape(-1))
@@ -534,7 +448,7 @@ def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, chunk, padded_scratch, dy_
         flat[:] = 0.0  # the dropped columns stay zero
         dy_w = flat.reshape((channels_out, span))
         while True:
-            c = _take_chunk(counter)
+            c = take_chunk(counter)
             if c >= n_chunks:
                 break
             partial = dweight_partial[c]
@@ -584,6 +498,16 @@ CHUNKS_PER_THREAD = 1
 SHIFTED_MIN_SPAN = 64
 SHIFTED_SPAN_PER_CHANNEL = 1
 SHIFTED_MIN_CHANNELS = 8
+
+#: 3x3 stride-1 layers with at least this many input and output channels run
+#: Winograd's F(2x2, 3x3) (cnn/layers/winograd.py) instead of either of the
+#: above. Measured at batch 64 (forward + backward, ms, 1 thread, im2col or
+#: shifted -> Winograd): 64->64 on 8x8 6.3 -> 5.0, on 32x32 91 -> 80;
+#: 128->128 on 16x16 81 -> 51; 256->256 on 8x8 82 -> 41; 512->512 on 4x4 76 ->
+#: 44, on 2x2 23 -> 17. At 32 channels and fewer the shifted SGEMMs stay ahead
+#: (32->32 on 16x16 4.9 -> 8.1): the transforms cost per activation, the
+#: saving is per channel pair.
+WINOGRAD_MIN_CHANNELS = 64
 
 
 def _chunking(n, elements_per_sample, weight_elements=0):
@@ -672,6 +596,9 @@ class Conv2D(Layer):
         taps = self.in_channels * kh * kw
         bias = self._zero_bias if bias is None else bias
         y = np.empty(self._y_shape, dtype=np.float32)
+        if self._winograd():
+            winograd_conv(x, self.weight.data, False, bias, self.padding, y)
+            return y
         if self._shifted(x.shape):
             tap_weights = self.weight.data.transpose(2, 3, 0, 1).reshape(9, o, self.in_channels)
             self._shifted_conv(x, np.ascontiguousarray(tap_weights), bias, ph, pw, y)
@@ -680,7 +607,7 @@ class Conv2D(Layer):
         workers, chunk = _chunking(n, taps * plane, o * taps)
         cols = scratch("conv.cols", (workers, taps * chunk * plane))
         y2 = scratch("conv.channel_major", (workers, o * chunk * plane))
-        with _single_threaded_blas():
+        with single_threaded_blas():
             conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out, chunk,
                                   cols, y2, y.reshape(n, o, plane))
         return y
@@ -695,6 +622,8 @@ class Conv2D(Layer):
                 self.bias.grad += dbias
             return None if self.skip_input_grad else dx
 
+        if self._winograd():
+            return self._winograd_backward(dy)
         if self._shifted(self._x.shape):
             return self._shifted_backward(dy)
         x = self._x
@@ -718,7 +647,7 @@ class Conv2D(Layer):
         dy2 = scratch("conv.channel_major", (workers, o * chunk * plane))
         dweight_partial = scratch("conv.dweight", (n_chunks - 1, o, taps))
         dbias_partial = scratch("conv.dbias", (n_chunks, o))
-        with _single_threaded_blas():
+        with single_threaded_blas():
             conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols, dy2,
                                    weight_grad, dweight_partial, dbias_partial, dx)
         # in chunk order: the same bits run to run
@@ -726,6 +655,20 @@ class Conv2D(Layer):
             add_partials(weight_grad, dweight_partial)
         if self.bias is not None:
             add_partials(self.bias.grad, dbias_partial)
+
+    def _winograd_backward(self, dy):
+        """Backward of a layer that runs Winograd's F(2x2, 3x3) (see `_winograd`)."""
+        x = self._x
+        bias_grad = np.zeros(self.out_channels, np.float32) if self.bias is None else self.bias.grad
+        winograd_weight_grad(x, dy, self.padding, self.weight.grad, bias_grad)
+        if self.skip_input_grad:
+            return None
+        # dx = dy (padded by 2 - p) correlated with the rotated kernel, channels swapped
+        ph, pw = self.padding
+        dx = np.empty(x.shape, dtype=np.float32)
+        winograd_conv(dy, self.weight.data, True, np.zeros(self.in_channels, np.float32),
+                      (2 - ph, 2 - pw), dx)
+        return dx
 
     def _shifted_backward(self, dy):
         """Backward of a layer that runs `conv3x3_shifted_kernel` (see `_shifted`)."""
@@ -740,7 +683,7 @@ class Conv2D(Layer):
         dy_w = scratch("conv.accumulator", (workers, o * h_out * width_pad))
         dweight_partial = scratch("conv.dweight", (n_chunks, 9, o, c))
         dbias_partial = scratch("conv.dbias", (n_chunks, o))
-        with _single_threaded_blas():
+        with single_threaded_blas():
             conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, chunk, padded, dy_w,
                                                dweight_partial, dbias_partial)
         # in chunk order: the same bits run to run
@@ -758,6 +701,11 @@ class Conv2D(Layer):
         self._shifted_conv(dy, np.ascontiguousarray(flipped), np.zeros(c, dtype=np.float32),
                            2 - ph, 2 - pw, dx)
         return dx
+
+    def _winograd(self):
+        """Whether this layer runs Winograd's F(2x2, 3x3) (cnn/layers/winograd.py)."""
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and max(self.padding) <= 2
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
     def _shifted(self, x_shape):
         """Whether input x_shape runs `conv3x3_shifted_kernel` instead of im2col."""
@@ -777,5 +725,5 @@ class Conv2D(Layer):
         workers = min(numba.get_num_threads(), n)
         padded = scratch("conv.padded", (workers, c * ((height + 2 * ph) * width_pad + 2)))
         acc = scratch("conv.accumulator", (workers, tap_weights.shape[1] * y.shape[2] * width_pad))
-        with _single_threaded_blas():
+        with single_threaded_blas():
             conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, padded, acc, y)

@@ -98,6 +98,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnn.layers import Linear
+from cnn.layers.blas import matmul
 from cnn.optim import SGD, sgd_update
 
 from .base import Hyper, Strategy
@@ -175,7 +176,7 @@ class ActivationExchange:
         a, b = self.strategy.slices[weight.name]
         if b > a:
             r0, r1 = a // n_in, (b - 1) // n_in + 1
-            rows = np.matmul(self.errors[:, r0:r1].T, self.inputs)    # (r1 - r0, N_in)
+            rows = matmul(self.errors[:, r0:r1].T, self.inputs)    # (r1 - r0, N_in)
             np.divide(rows.reshape(-1)[a - r0 * n_in:b - r0 * n_in], size, out=out[weight.name])
         if bias is not None:
             c, d = self.strategy.slices[bias.name]
