@@ -1,7 +1,7 @@
 r"""Training-step throughput of one CNN on the CPU: ours (numpy + numba) vs PyTorch.
 
     python -m bench.cnn_throughput --model vgg16-cifar --batch 64 --threads 2 \
-        [--compare-torch] [--json] [--iters N] [--warmup N]
+        [--compare-torch] [--json] [--iters N] [--warmup N] [--rounds R]
 
 Other flags: ``--json-out FILE`` also writes the JSON object to FILE,
 ``--profile`` prints where our step spends its time, per layer (and PyTorch's
@@ -10,8 +10,12 @@ table header above the row.
 
 What is timed: one full training step - ``zero_grad``, forward, softmax
 cross-entropy forward and backward, model backward, SGD (momentum 0.9) update -
-on a fixed random batch, after ``--warmup`` untimed steps. The result is the
-median over ``--iters`` steps, as images per second. PyTorch runs the same
+on a fixed random batch, after ``--warmup`` untimed steps. Each measurement is
+the median over ``--iters`` steps, as images per second, in a fresh process;
+``--rounds`` such processes per framework run alternately (ours, torch, ours,
+...) and the median of their results is reported, so that a slow spell of a
+shared machine does not land on one framework only (each round's figure is in
+the JSON: ``ours_img_s_rounds``, ``torch_img_s_rounds``). PyTorch runs the same
 architecture (the modules below, with the same state_dict names; parity is
 checked by tests/test_torch_parity.py) with ``torch.set_num_threads(threads)``.
 
@@ -323,7 +327,7 @@ def measure_torch(args):
     return result
 
 
-def run_worker(framework, args):
+def run_worker(framework, args, profile=False):
     """Re-run this module in a fresh process for one framework; returns its result dict."""
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
@@ -333,7 +337,7 @@ def run_worker(framework, args):
     command = [sys.executable, "-m", "bench.cnn_throughput", "--worker", framework,
                "--model", args.model, "--batch", str(args.batch), "--threads", threads,
                "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    if args.profile:
+    if profile:
         command.append("--profile")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     completed = subprocess.run(command, check=False, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
@@ -373,6 +377,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT, caches)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per framework, alternating (median of their medians)")
     parser.add_argument("--compare-torch", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
@@ -380,8 +386,8 @@ def main():
     parser.add_argument("--header", action="store_true", help="print the markdown table header")
     parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.batch < 1 or args.threads < 1 or args.iters < 1 or args.warmup < 0:
-        parser.error("--batch, --threads and --iters must be >= 1, --warmup >= 0")
+    if min(args.batch, args.threads, args.iters, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch, --threads, --iters and --rounds must be >= 1, --warmup >= 0")
 
     if args.worker:  # child process: measure and print one JSON line
         result = (measure_ours if args.worker == "ours" else measure_torch)(args)
@@ -393,21 +399,33 @@ def main():
                  f"({sys.executable}) cannot import. Run from an environment that has it, e.g. "
                  "python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy "
                  "numba threadpoolctl tqdm, then /tmp/torchvenv/bin/python -m bench.cnn_throughput ...")
-    ours = run_worker("ours", args)
-    theirs = run_worker("torch", args) if args.compare_torch else None
+    # Alternate the two frameworks, one fresh process each per round, so that
+    # a slow spell of a shared machine hits both and not one of them only.
+    ours_rounds, torch_rounds = [], []
+    for round_index in range(args.rounds):
+        profile = args.profile and round_index == 0  # the first round's profile is printed
+        ours_rounds.append(run_worker("ours", args, profile))
+        if args.compare_torch:
+            torch_rounds.append(run_worker("torch", args, profile))
+    ours, theirs = ours_rounds[0], (torch_rounds[0] if torch_rounds else None)
+    ours_img_s = statistics.median(r["img_s"] for r in ours_rounds)
+    torch_img_s = statistics.median(r["img_s"] for r in torch_rounds) if theirs else None
     record = {
         "model": args.model,
         "batch": args.batch,
         "threads": args.threads,
-        "ours_img_s": round(ours["img_s"], 2),
-        "torch_img_s": round(theirs["img_s"], 2) if theirs else None,
-        "ratio": round(ours["img_s"] / theirs["img_s"], 3) if theirs else None,
-        "ours_peak_mb": round(ours["peak_mb"], 1),
-        "torch_peak_mb": round(theirs["peak_mb"], 1) if theirs else None,
+        "ours_img_s": round(ours_img_s, 2),
+        "torch_img_s": round(torch_img_s, 2) if theirs else None,
+        "ratio": round(ours_img_s / torch_img_s, 3) if theirs else None,
+        "ours_peak_mb": round(max(r["peak_mb"] for r in ours_rounds), 1),
+        "torch_peak_mb": round(max(r["peak_mb"] for r in torch_rounds), 1) if theirs else None,
         "ours_base_mb": round(ours["base_mb"], 1),
         "torch_base_mb": round(theirs["base_mb"], 1) if theirs else None,
         "iters": args.iters,
         "warmup": args.warmup,
+        "rounds": args.rounds,
+        "ours_img_s_rounds": [round(r["img_s"], 2) for r in ours_rounds],
+        "torch_img_s_rounds": [round(r["img_s"], 2) for r in torch_rounds] if theirs else None,
     }
     report = sys.stderr if args.json else sys.stdout
     if args.profile:
