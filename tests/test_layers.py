@@ -786,3 +786,35 @@ def test_matmul_on_numba_threads(threads, m, k, n, trans_a, trans_b, seed):
         close32(out, expected + 1.0)
     finally:
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_winograd_float32_error_as_small_as_im2col():
+    """Against a float64 oracle, Winograd's float32 result and gradients are
+    about as accurate as im2col's on a 128-channel layer."""
+    import cnn.layers.conv as conv_module
+
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((4, 128, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal((4, 128, 8, 8)).astype(np.float32)
+    results = {}
+    for algorithm in ("winograd", "im2col"):
+        old = (conv_module.WINOGRAD_MIN_CHANNELS, conv_module.SHIFTED_MIN_CHANNELS)
+        if algorithm == "im2col":
+            conv_module.WINOGRAD_MIN_CHANNELS = conv_module.SHIFTED_MIN_CHANNELS = 10**9
+        try:
+            layer = Conv2D(128, 128, 3, padding=1, rng=np.random.default_rng(0))
+            y = layer.forward(x)
+            dx = layer.backward(dy)
+        finally:
+            conv_module.WINOGRAD_MIN_CHANNELS, conv_module.SHIFTED_MIN_CHANNELS = old
+        results[algorithm] = (y, dx, layer.weight.grad.copy())
+    w64 = layer.weight.data.astype(np.float64)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    y_ref = conv2d_forward_reference(x64, w64, np.zeros(128), (1, 1), (1, 1))
+    dx_ref, dw_ref, _ = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
+    for index, reference in enumerate((y_ref, dx_ref, dw_ref)):
+        def error(algorithm):
+            value = results[algorithm][index]
+            return np.linalg.norm(value - reference) / np.linalg.norm(reference)
+        assert error("winograd") < 1e-6
+        assert error("winograd") <= 4 * error("im2col"), (index, error("winograd"), error("im2col"))

@@ -20,9 +20,11 @@ the 4x4 products become 16 independent matrix products over all tiles:
 The SGEMMs do 16*O*C multiply-adds per tile of 4 outputs, against 9*4*O*C for
 im2col: 2.25x fewer. The price is the transforms (memory-bound, linear in the
 activations, not in O*C), so the method pays on layers with many channels
-(`cnn.layers.conv.WINOGRAD_MIN_CHANNELS`). F(2x2, 3x3) is the tile size that
-keeps float32 rounding within a few ulps of direct convolution; larger tiles
-(F(4x4, 3x3)) save more multiplications but lose accuracy fast.
+(`cnn.layers.conv.WINOGRAD_MIN_CHANNELS`). F(2x2, 3x3) keeps float32 errors
+at the level of direct convolution (its transforms only add, subtract and
+halve; tests/test_layers.py checks the error against float64); larger tiles
+such as F(4x4, 3x3) save more multiplications but their transforms have
+larger constants and lose accuracy quickly.
 
 Threads: the batch is cut into chunks of whole samples (sized from the layer
 shape only, not the thread count); each chunk runs three parallel phases -
