@@ -220,7 +220,6 @@ def input_transform(x, ph, pw, th, tw, v):
     """
     n_batch, channels, height, width = x.shape
     per_channel = n_batch * th * tw
-    flat_v = v
     for c in prange(channels):
         # the sample's plane inside zeros; the border is never written, so it
         # stays zero from one sample to the next
@@ -240,7 +239,7 @@ def input_transform(x, ph, pw, th, tw, v):
                          r1[at], r1[at + 1], r1[at + 2], r1[at + 3],
                          r2[at], r2[at + 1], r2[at + 2], r2[at + 3],
                          r3[at], r3[at + 1], r3[at + 2], r3[at + 3])
-                    _store_16(flat_v, t0 + b, _transform_4x4(_b_t, d))
+                    _store_16(v, t0 + b, _transform_4x4(_b_t, d))
 
 
 @njit(**NUMBA_OPTIONS)
@@ -253,7 +252,6 @@ def output_transform(m, bias, th, tw, y):
     """
     n_batch, channels_out, h_out, w_out = y.shape
     per_channel = n_batch * th * tw
-    flat_m = m
     for o in prange(channels_out):
         beta = bias[o]
         for n in range(n_batch):
@@ -265,7 +263,7 @@ def output_transform(m, bias, th, tw, y):
                 bottom = plane[2 * a + 1] if has_bottom else top
                 for b in range(uint64(tw)):
                     (m00, m01, m02, m03, m10, m11, m12, m13,
-                     m20, m21, m22, m23, m30, m31, m32, m33) = _load_16(flat_m, t0 + b)
+                     m20, m21, m22, m23, m30, m31, m32, m33) = _load_16(m, t0 + b)
                     s00, s10 = _a_t(m00, m10, m20, m30)
                     s01, s11 = _a_t(m01, m11, m21, m31)
                     s02, s12 = _a_t(m02, m12, m22, m32)
@@ -294,7 +292,6 @@ def output_grad_transform(dy, th, tw, dm, dbias):
     """
     n_batch, channels_out, h_out, w_out = dy.shape
     per_channel = n_batch * th * tw
-    flat_dm = dm
     zero = np.float32(0.0)
     for o in prange(channels_out):
         total = zero
@@ -315,7 +312,7 @@ def output_grad_transform(dy, th, tw, dm, dbias):
                     total += (e00 + e01) + (e10 + e11)
                     c0, c1, c2, c3 = _a(e00, e10)
                     d0, d1, d2, d3 = _a(e01, e11)
-                    _store_16(flat_dm, t0 + b, _a(c0, d0) + _a(c1, d1) + _a(c2, d2) + _a(c3, d3))
+                    _store_16(dm, t0 + b, _a(c0, d0) + _a(c1, d1) + _a(c2, d2) + _a(c3, d3))
         dbias[o] += total
 
 
@@ -323,10 +320,9 @@ def output_grad_transform(dy, th, tw, dm, dbias):
 def weight_grad_transform(du, weight_grad):
     """weight_grad[o, c] += G^T dU[:, o*C + c] G (3x3 from 4x4); du : (16, >= O*C)."""
     channels_out, channels = weight_grad.shape[:2]
-    flat_du = du
     for o in prange(channels_out):
         for c in range(channels):
-            d = _load_16(flat_du, uint64(o * channels + c))
+            d = _load_16(du, uint64(o * channels + c))
             a0, a1, a2 = _g_t(d[0], d[4], d[8], d[12])
             b0, b1, b2 = _g_t(d[1], d[5], d[9], d[13])
             c0, c1, c2 = _g_t(d[2], d[6], d[10], d[14])
