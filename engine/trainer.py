@@ -78,7 +78,8 @@ class Trainer:
         of the global batch); "local": each rank keeps its own (PCNN).
     skip_nonfinite : bool
         Skip the update of an iteration with a non-finite loss or gradient on
-        every rank instead of raising `NonFiniteError`.
+        every rank instead of raising `NonFiniteError`: weights, optimizer
+        state and BN running statistics stay as they were before it.
     check_replicas : int
         Every this many steps, verify that all ranks hold bitwise identical
         weights (`check_replicas()`); 0 disables.
@@ -127,6 +128,11 @@ class Trainer:
                          if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim > 0]
         size = sum(a.size for _, a in self._buffers)
         self._bn_flat = np.zeros(size, np.float32) if bn_stats == "average" and size else None
+        # A skipped step must leave no trace: the forward pass has already
+        # moved the BN running statistics (possibly to NaN), so they are saved
+        # before it and put back when the update is skipped.
+        self._saved_buffers = ([(a, np.empty_like(a)) for _, a in model.buffers()]
+                               if self.skip_nonfinite else [])
         self.events: list = []           # (name, category, t_start, t_end) on this thread
         self._chunk_events: list = []
         if self.tracing:
@@ -198,6 +204,8 @@ class Trainer:
         strategy.wait_seconds = 0.0
         self._in_step, self._open_forward, self._mark = True, None, start
         try:
+            for live, saved in self._saved_buffers:
+                np.copyto(saved, live)
             logits = self.model.forward(x, train=True)
             if self.tracing and self._open_forward is not None:
                 self._record_layer("forward", self._open_forward, self._mark, time.monotonic())
@@ -222,7 +230,11 @@ class Trainer:
             strategy.finish_step(apply)
             if bn_handle is not None:
                 strategy.wait(bn_handle, "BN statistics")
-                self._unpack_buffers()
+                if apply:
+                    self._unpack_buffers()
+            if not apply:
+                for live, saved in self._saved_buffers:
+                    np.copyto(live, saved)
         finally:
             self._in_step = False
         iteration = self.iteration

@@ -813,8 +813,7 @@ def test_winograd_float32_error_as_small_as_im2col():
     y_ref = conv2d_forward_reference(x64, w64, np.zeros(128), (1, 1), (1, 1))
     dx_ref, dw_ref, _ = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
     for index, reference in enumerate((y_ref, dx_ref, dw_ref)):
-        def error(algorithm):
-            value = results[algorithm][index]
-            return np.linalg.norm(value - reference) / np.linalg.norm(reference)
-        assert error("winograd") < 1e-6
-        assert error("winograd") <= 4 * error("im2col"), (index, error("winograd"), error("im2col"))
+        winograd, im2col = (np.linalg.norm(results[a][index] - reference) / np.linalg.norm(reference)
+                            for a in ("winograd", "im2col"))
+        assert winograd < 1e-6
+        assert winograd <= 4 * im2col, (index, winograd, im2col)

@@ -67,6 +67,30 @@ def test_nonfinite_loss_skipped_on_every_rank(strategy, data):
         assert not t.last["skipped"]
 
 
+@pytest.mark.parametrize("bn_stats", ["average", "local"])
+def test_skipped_step_leaves_bn_statistics_alone(bn_stats):
+    """The forward pass of a skipped step has moved the running statistics
+    (to NaN on the poisoned rank); they are put back on every rank."""
+    model = models.build("resnet20", seed=1)
+    rng = np.random.default_rng(WORLD.rank)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 2)
+    with Trainer(model, SGD(model.parameters(), lr=0.1), "blocking", bn_stats=bn_stats,
+                 skip_nonfinite=True) as t:
+        t.step(x, y)
+        before = [a.copy() for _, a in model.buffers()]
+        poisoned = x.copy()
+        if WORLD.rank == 0:
+            poisoned[0, 0, 0, 0] = np.nan
+        t.step(poisoned, y)
+        assert t.last["skipped"]
+        for (name, after), was in zip(model.buffers(), before):
+            np.testing.assert_array_equal(after, was, err_msg=name)
+        t.step(x, y)
+        assert not t.last["skipped"]
+        assert all(np.isfinite(a).all() for _, a in model.buffers())
+
+
 def test_nonfinite_gradient_names_layer_and_iteration(data):
     model = models.build("digits", seed=1)
 
