@@ -6,10 +6,12 @@
 import os
 
 # numba's OpenMP workers spin-wait after each parallel region by default and
-# starve the BLAS threads (and the communication thread) that run next on the
-# same cores; measured: resnet20 batch 64 on 2 threads took 3-16 s per step
-# with spinning workers, 0.2-0.26 s without. Set before numba starts OpenMP;
-# an explicit setting by the user wins.
+# starve whatever runs next on the same cores: the communication thread, and
+# any other thread pool. Measured when conv SGEMMs still ran on OpenBLAS's own
+# pool: resnet20 batch 64 on 2 threads took 3-16 s per step with spinning
+# workers, 0.2-0.26 s without. (All SGEMMs now run on numba's workers, see
+# cnn/layers/blas.py, but the communication thread still needs the cores.)
+# Set before numba starts OpenMP; an explicit setting by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
