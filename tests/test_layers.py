@@ -697,17 +697,23 @@ def _winograd_layer_run(x, dy, out_channels, padding=(1, 1)):
     return layer, [y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()]
 
 
-def test_winograd_same_bits_for_any_thread_count():
+# 7x5 outputs: 4 x 3 tiles; 16 * 128 values per tile (64 channels in and out)
+@pytest.mark.parametrize("chunk_elements", [
+    16 * 128 * 12 * 2,   # 2 samples per chunk: 5 chunks
+    16 * 128 * 3 * 3,    # one sample in bands of 3 tile rows and 1 row: 18 chunks
+])
+def test_winograd_same_bits_for_any_thread_count(chunk_elements):
     """Chunks depend on the layer shape only and every output element is one
     thread's work: 1 and 2 threads give the same bits, run after run, also with
-    many chunks and odd (partial-tile) sizes."""
+    many chunks, bands of tile rows and odd (partial-tile) sizes."""
     import cnn.layers.winograd as winograd_module
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
     dy = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
     old = winograd_module.CHUNK_ELEMENTS
-    winograd_module.CHUNK_ELEMENTS = 16 * 128 * 12 * 2  # 2 samples per chunk: 5 chunks
+    winograd_module.CHUNK_ELEMENTS = chunk_elements
+    assert len(winograd_module._chunks(9, 4, 3, 128)) == (5 if chunk_elements > 16 * 128 * 12 else 18)
     runs = []
     try:
         for threads in (1, 2, 1, 2):

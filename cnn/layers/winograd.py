@@ -26,8 +26,9 @@ halve; tests/test_layers.py checks the error against float64); larger tiles
 such as F(4x4, 3x3) save more multiplications but their transforms have
 larger constants and lose accuracy quickly.
 
-Threads: the batch is cut into chunks of whole samples (sized from the layer
-shape only, not the thread count); each chunk runs three parallel phases -
+Threads: the batch is cut into chunks of whole samples, or of bands of tile
+rows of one sample when a sample alone is larger than a chunk (sized from the
+layer shape only, not the thread count); each chunk runs three parallel phases -
 transform (split over channels), 16 SGEMMs (split over k, and over rows of
 the result when there are more than 16 threads), inverse transform. Every
 output element is computed by one thread in a fixed order, so the results are
@@ -212,27 +213,32 @@ def filter_transform(weight, rotate, u):
 
 
 @njit(**NUMBA_OPTIONS)
-def input_transform(x, ph, pw, th, tw, v):
-    """v[k, c*T + (n*th + a)*tw + b] = (B^T d B)_k, d the 4x4 window of tile
-    (a, b) of x[n, c], T = N*th*tw.
+def input_transform(x, ph, pw, a0, a1, tw, v):
+    """v[k, c*T + (n*rows + a - a0)*tw + b] = (B^T d B)_k, d the 4x4 window of
+    tile (a, b) of x[n, c], for the tile rows a0 <= a < a1 (rows = a1 - a0),
+    T = N*rows*tw.
 
     x : (N, C, H, W); v : (16, >= C*T), written. Split over channels.
     """
     n_batch, channels, height, width = x.shape
-    per_channel = n_batch * th * tw
+    rows = a1 - a0
+    per_channel = n_batch * rows * tw
     for c in prange(channels):
-        # the sample's plane inside zeros; the border is never written, so it
-        # stays zero from one sample to the next
-        padded = np.zeros((2 * th + 2, 2 * tw + 2), dtype=np.float32)
+        # the band's input rows inside zeros; the zeros (padding, rows outside
+        # x) are never written, so they stay zero from one sample to the next
+        padded = np.zeros((2 * rows + 2, 2 * tw + 2), dtype=np.float32)
+        first = 2 * a0 - ph  # input row of padded[0]
         for n in range(n_batch):
-            for h in range(height):
-                src = x[n, c, h]
-                dst = padded[h + ph]
-                for w in range(uint64(width)):
-                    dst[w + pw] = src[w]
-            for a in range(th):
+            for r in range(2 * rows + 2):
+                h = first + r
+                if 0 <= h < height:
+                    src = x[n, c, h]
+                    dst = padded[r]
+                    for w in range(uint64(width)):
+                        dst[w + pw] = src[w]
+            for a in range(rows):
                 r0, r1, r2, r3 = padded[2 * a], padded[2 * a + 1], padded[2 * a + 2], padded[2 * a + 3]
-                t0 = uint64(c * per_channel + (n * th + a) * tw)
+                t0 = uint64(c * per_channel + (n * rows + a) * tw)
                 for b in range(uint64(tw)):
                     at = 2 * b
                     d = (r0[at], r0[at + 1], r0[at + 2], r0[at + 3],
@@ -243,21 +249,24 @@ def input_transform(x, ph, pw, th, tw, v):
 
 
 @njit(**NUMBA_OPTIONS)
-def output_transform(m, bias, th, tw, y):
-    """y[n, o, 2a + r, 2b + s] = (A^T M A)_rs + bias[o], M the 16 values of tile (a, b).
+def output_transform(m, bias, a0, a1, tw, y):
+    """y[n, o, 2a + r, 2b + s] = (A^T M A)_rs + bias[o], M the 16 values of
+    tile (a, b), for the tile rows a0 <= a < a1.
 
-    m : (16, >= O*T), tile t of channel o in column o*T + t, T = N*th*tw;
-    y : (N, O, H_out, W_out), written (the parts of edge tiles outside y are
-    dropped). Split over output channels.
+    m : (16, >= O*T), tile (a, b) of sample n, channel o in column
+    o*T + (n*rows + a - a0)*tw + b, rows = a1 - a0, T = N*rows*tw;
+    y : (N, O, H_out, W_out), those rows written (the parts of edge tiles
+    outside y are dropped). Split over output channels.
     """
     n_batch, channels_out, h_out, w_out = y.shape
-    per_channel = n_batch * th * tw
+    rows = a1 - a0
+    per_channel = n_batch * rows * tw
     for o in prange(channels_out):
         beta = bias[o]
         for n in range(n_batch):
             plane = y[n, o]
-            for a in range(th):
-                t0 = uint64(o * per_channel + (n * th + a) * tw)
+            for a in range(a0, a1):
+                t0 = uint64(o * per_channel + (n * rows + a - a0) * tw)
                 top = plane[2 * a]
                 has_bottom = 2 * a + 1 < h_out
                 bottom = plane[2 * a + 1] if has_bottom else top
@@ -282,23 +291,25 @@ def output_transform(m, bias, th, tw, y):
 
 
 @njit(**{**NUMBA_OPTIONS, "fastmath": {"reassoc"}})
-def output_grad_transform(dy, th, tw, dm, dbias):
-    """dm[k, o*T + t] = (A e A^T)_k for e the 2x2 tile t of dy[n, o] (zeros
-    outside), T = N*th*tw; dbias[o] += the sum of dy[:, o] (float32, in a
+def output_grad_transform(dy, a0, a1, tw, dm, dbias):
+    """dm[k, o*T + (n*rows + a - a0)*tw + b] = (A e A^T)_k for e the 2x2 tile
+    (a, b) of dy[n, o] (zeros outside), tile rows a0 <= a < a1, rows = a1 - a0,
+    T = N*rows*tw; dbias[o] += the sum of those rows of dy[:, o] (float32, in a
     fixed order).
 
     dy : (N, O, H_out, W_out); dm : (16, >= O*T), written. Split over output
     channels.
     """
     n_batch, channels_out, h_out, w_out = dy.shape
-    per_channel = n_batch * th * tw
+    rows = a1 - a0
+    per_channel = n_batch * rows * tw
     zero = np.float32(0.0)
     for o in prange(channels_out):
         total = zero
         for n in range(n_batch):
             plane = dy[n, o]
-            for a in range(th):
-                t0 = uint64(o * per_channel + (n * th + a) * tw)
+            for a in range(a0, a1):
+                t0 = uint64(o * per_channel + (n * rows + a - a0) * tw)
                 top = plane[2 * a]
                 has_bottom = 2 * a + 1 < h_out
                 bottom = plane[2 * a + 1] if has_bottom else top
@@ -366,12 +377,17 @@ def batched_sgemm(trans_b, a, b, beta, c, row_blocks):
 # ---------------------------------------------------------------------------
 
 
-def _chunks(n, tiles_per_sample, channels):
-    """Sample ranges [lo, hi) whose V and M (16*channels floats a tile) hold
-    about CHUNK_ELEMENTS values; at least one sample each."""
-    per_sample = 16 * channels * tiles_per_sample
-    samples = max(1, min(n, CHUNK_ELEMENTS // per_sample))
-    return [(lo, min(n, lo + samples)) for lo in range(0, n, samples)]
+def _chunks(n, th, tw, channels):
+    """(lo, hi, a0, a1): samples [lo, hi), tile rows [a0, a1), whose V and M
+    (16*channels floats a tile) hold about CHUNK_ELEMENTS values. Whole
+    samples while one fits; a larger sample (ImageNet-sized planes) is cut
+    into bands of tile rows, at least one row each."""
+    per_row = 16 * channels * tw
+    rows = max(1, CHUNK_ELEMENTS // per_row)
+    if rows < th:
+        return [(lo, lo + 1, a0, min(th, a0 + rows)) for lo in range(n) for a0 in range(0, th, rows)]
+    samples = max(1, min(n, CHUNK_ELEMENTS // (per_row * th)))
+    return [(lo, min(n, lo + samples), 0, th) for lo in range(0, n, samples)]
 
 
 def _row_blocks():
@@ -408,13 +424,13 @@ def winograd_conv(x, weight, rotate, bias, padding, y):
     u_flat, u = planes("winograd.u", channels_out, channels)
     filter_transform(weight, rotate, u_flat)
     with single_threaded_blas():
-        for lo, hi in _chunks(n, th * tw, channels + channels_out):
-            t = (hi - lo) * th * tw
+        for lo, hi, a0, a1 in _chunks(n, th, tw, channels + channels_out):
+            t = (hi - lo) * (a1 - a0) * tw
             v_flat, v = planes("winograd.v", channels, t)
             m_flat, m = planes("winograd.m", channels_out, t)
-            input_transform(x[lo:hi], ph, pw, th, tw, v_flat)
+            input_transform(x[lo:hi], ph, pw, a0, a1, tw, v_flat)
             batched_sgemm(False, u, v, 0.0, m, _row_blocks())
-            output_transform(m_flat, bias, th, tw, y[lo:hi])
+            output_transform(m_flat, bias, a0, a1, tw, y[lo:hi])
 
 
 def winograd_weight_grad(x, dy, padding, weight_grad, bias_grad):
@@ -425,11 +441,11 @@ def winograd_weight_grad(x, dy, padding, weight_grad, bias_grad):
     ph, pw = padding
     du_flat, du = planes("winograd.u", channels_out, channels)
     with single_threaded_blas():
-        for lo, hi in _chunks(n, th * tw, channels + channels_out):
-            t = (hi - lo) * th * tw
+        for index, (lo, hi, a0, a1) in enumerate(_chunks(n, th, tw, channels + channels_out)):
+            t = (hi - lo) * (a1 - a0) * tw
             v_flat, v = planes("winograd.v", channels, t)
             dm_flat, dm = planes("winograd.m", channels_out, t)
-            input_transform(x[lo:hi], ph, pw, th, tw, v_flat)
-            output_grad_transform(dy[lo:hi], th, tw, dm_flat, bias_grad)
-            batched_sgemm(True, dm, v, 0.0 if lo == 0 else 1.0, du, _row_blocks())
+            input_transform(x[lo:hi], ph, pw, a0, a1, tw, v_flat)
+            output_grad_transform(dy[lo:hi], a0, a1, tw, dm_flat, bias_grad)
+            batched_sgemm(True, dm, v, 0.0 if index == 0 else 1.0, du, _row_blocks())
     weight_grad_transform(du_flat, weight_grad)
