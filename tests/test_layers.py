@@ -536,6 +536,33 @@ def test_set_num_threads():
         cnn.set_num_threads(0)
 
 
+def _conv3x3_run(x, dy, out_channels, initial_grad=0.0):
+    """(layer, [y, dx, weight grad, bias grad]) of a fresh 3x3 padding-1 Conv2D
+    (same initial weights every time) whose weight gradient starts at
+    `initial_grad`, so that backward must accumulate onto it."""
+    layer = Conv2D(x.shape[1], out_channels, 3, padding=1, rng=np.random.default_rng(0))
+    layer.weight.grad[...] = initial_grad
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    return layer, [y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()]
+
+
+def _check_same_bits_and_reference(runs, x, dy, initial_grad=0.0):
+    """Every run of `_conv3x3_run` gave the same bits, and the first matches
+    the float64 reference."""
+    for _, run in runs[1:]:
+        for got, first in zip(run, runs[0][1]):
+            assert np.array_equal(got, first)
+    y, dx, dw, db = runs[0][1]
+    w64 = runs[0][0].weight.data.astype(np.float64)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    close32(y, conv2d_forward_reference(x64, w64, np.zeros(w64.shape[0]), (1, 1), (1, 1)))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
+    close32(dx, dx_ref)
+    close32(dw, dw_ref + initial_grad)
+    close32(db, db_ref)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv2d_same_bits_run_to_run(threads):
     """Chunks are taken by whichever thread is free, but their weight and bias
@@ -549,22 +576,8 @@ def test_conv2d_same_bits_run_to_run(threads):
         rng = np.random.default_rng(5)
         x = rng.standard_normal((37, 3, 8, 8)).astype(np.float32)
         dy = rng.standard_normal((37, 6, 8, 8)).astype(np.float32)
-        runs = []
-        for _ in range(5):
-            layer = Conv2D(3, 6, 3, padding=1, rng=np.random.default_rng(0))
-            layer.weight.grad[...] = 0.5  # accumulates onto an existing gradient
-            y = layer.forward(x)
-            dx = layer.backward(dy)
-            runs.append([y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()])
-        for run in runs[1:]:
-            for got, first in zip(run, runs[0]):
-                assert np.array_equal(got, first)
-        dx_ref, dw_ref, db_ref = conv2d_backward_reference(
-            dy.astype(np.float64), x.astype(np.float64),
-            layer.weight.data.astype(np.float64), (1, 1), (1, 1))
-        close32(runs[0][1], dx_ref)
-        close32(runs[0][2], dw_ref + 0.5)
-        close32(runs[0][3], db_ref)
+        runs = [_conv3x3_run(x, dy, 6, initial_grad=0.5) for _ in range(5)]
+        _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)
     finally:
         conv_module.CHUNK_ELEMENTS = old
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -620,26 +633,14 @@ def test_conv3x3_shifted_same_bits_run_to_run(threads):
         rng = np.random.default_rng(6)
         x = rng.standard_normal((37, 8, 7, 9)).astype(np.float32)
         dy = rng.standard_normal((37, 12, 7, 9)).astype(np.float32)
-        runs = []
-        for _ in range(4):
-            layer = Conv2D(8, 12, 3, padding=1, rng=np.random.default_rng(0))
-            assert layer._shifted(x.shape)
-            y = layer.forward(x)
-            dx = layer.backward(dy)
-            runs.append([y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()])
-        for run in runs[1:]:
-            for got, first in zip(run, runs[0]):
-                assert np.array_equal(got, first)
+        runs = [_conv3x3_run(x, dy, 12) for _ in range(4)]
+        assert all(layer._shifted(x.shape) for layer, _ in runs)
+        _check_same_bits_and_reference(runs, x, dy)
+        layer = runs[-1][0]
         layer.zero_grad()
         layer.skip_input_grad = True
         assert layer.backward(dy) is None
-        assert np.array_equal(layer.weight.grad, runs[0][2])
-        dx_ref, dw_ref, db_ref = conv2d_backward_reference(
-            dy.astype(np.float64), x.astype(np.float64),
-            layer.weight.data.astype(np.float64), (1, 1), (1, 1))
-        close32(runs[0][1], dx_ref)
-        close32(runs[0][2], dw_ref)
-        close32(runs[0][3], db_ref)
+        assert np.array_equal(layer.weight.grad, runs[0][1][2])
     finally:
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
@@ -688,15 +689,6 @@ def test_winograd_references_match_direct_convolution(shape, out_channels, paddi
     np.testing.assert_allclose(winograd_weight_grad_reference(dy, x, padding), dw, atol=1e-12)
 
 
-def _winograd_layer_run(x, dy, out_channels, padding=(1, 1)):
-    layer = Conv2D(x.shape[1], out_channels, 3, padding=padding, rng=np.random.default_rng(0))
-    assert layer._winograd()
-    layer.weight.grad[...] = 0.5  # accumulates onto an existing gradient
-    y = layer.forward(x)
-    dx = layer.backward(dy)
-    return layer, [y, dx, layer.weight.grad.copy(), layer.bias.grad.copy()]
-
-
 # 7x5 outputs: 4 x 3 tiles; 16 * 128 values per tile (64 channels in and out)
 @pytest.mark.parametrize("chunk_elements", [
     16 * 128 * 12 * 2,   # 2 samples per chunk: 5 chunks
@@ -718,21 +710,12 @@ def test_winograd_same_bits_for_any_thread_count(chunk_elements):
     try:
         for threads in (1, 2, 1, 2):
             cnn.set_num_threads(threads)
-            layer, run = _winograd_layer_run(x, dy, 64)
-            runs.append(run)
+            runs.append(_conv3x3_run(x, dy, 64, initial_grad=0.5))
     finally:
         winograd_module.CHUNK_ELEMENTS = old
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    for run in runs[1:]:
-        for got, first in zip(run, runs[0]):
-            assert np.array_equal(got, first)
-    w64 = layer.weight.data.astype(np.float64)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    close32(runs[0][0], conv2d_forward_reference(x64, w64, np.zeros(64), (1, 1), (1, 1)))
-    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
-    close32(runs[0][1], dx_ref)
-    close32(runs[0][2], dw_ref + 0.5)
-    close32(runs[0][3], db_ref)
+    assert all(layer._winograd() for layer, _ in runs)
+    _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)
 
 
 def test_winograd_skip_input_grad_and_no_bias():
