@@ -26,7 +26,7 @@ from cnn.layers import (
     Parameter,
     ReLU,
 )
-from cnn.layers.activation import relu_backward_reference, relu_forward_reference
+from cnn.layers.activation import add_into, relu_backward_reference, relu_forward_reference
 from cnn.layers.batchnorm import (
     batch_statistics_reference,
     batchnorm2d_backward_reference,
@@ -270,12 +270,15 @@ bn_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
 @FAST
 @given(shape=bn_shapes, seed=seeds)
-def test_batchnorm_matches_reference(impl, train, shape, seed):
+def test_batchnorm_matches_reference(impl, train, relu, shape, seed):
+    """BatchNorm2d (with its fused ReLU when relu) against the float64 references:
+    batch norm, then relu_forward_reference; backward masks dy with the output."""
     rng = np.random.default_rng(seed)
     c = shape[1]
-    layer = make_layer(BatchNorm2d(c), impl)
+    layer = make_layer(BatchNorm2d(c, relu=relu), impl)
     layer.weight.data[...] = rng.standard_normal(c)
     layer.bias.data[...] = rng.standard_normal(c)
     layer.running_mean[...] = rng.standard_normal(c)
@@ -298,10 +301,17 @@ def test_batchnorm_matches_reference(impl, train, shape, seed):
         np.testing.assert_array_equal(layer.running_mean, running_mean)
         assert int(layer.num_batches_tracked) == 0
     gamma = layer.weight.data.astype(np.float64)
-    close32(y, batchnorm2d_forward_reference(x64, gamma, layer.bias.data.astype(np.float64),
-                                             mean, var, 1e-5))
-    dx_ref, dgamma, dbeta = batchnorm2d_backward_reference(
-        dy.astype(np.float64), x64, gamma, mean, var, 1e-5, train)
+    y_ref = batchnorm2d_forward_reference(x64, gamma, layer.bias.data.astype(np.float64),
+                                          mean, var, 1e-5)
+    dy64 = dy.astype(np.float64)
+    if relu:
+        y_ref = relu_forward_reference(y_ref)
+        # the mask comes from the layer's own float32 output (a value rounding to
+        # exactly 0 in float32 but not in float64 would otherwise disagree)
+        dy64 = relu_backward_reference(dy64, y)
+        assert (y >= 0).all()
+    close32(y, y_ref)
+    dx_ref, dgamma, dbeta = batchnorm2d_backward_reference(dy64, x64, gamma, mean, var, 1e-5, train)
     close32(dx, dx_ref)
     close32(layer.weight.grad, dgamma)
     close32(layer.bias.grad, dbeta)
@@ -363,6 +373,51 @@ def test_relu_matches_reference(impl, shape, seed):
     np.testing.assert_array_equal(y, relu_forward_reference(x))
     np.testing.assert_array_equal(layer.backward(dy), relu_backward_reference(dy, y))
     assert layer.backward(dy).reshape(-1)[0] == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@FAST
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=seeds)
+def test_relu_residual_and_inplace(impl, shape, seed):
+    """forward(x, residual=r) is max(x + r, 0); inplace writes it over x."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    r = rng.standard_normal(shape).astype(np.float32)
+    expected = relu_forward_reference(x + r)
+    y = make_layer(ReLU(), impl).forward(x.copy(), residual=r)
+    np.testing.assert_array_equal(y, expected)
+    layer = make_layer(ReLU(inplace=True), impl)
+    x_in = x.copy()
+    y = layer.forward(x_in, residual=r)
+    assert np.shares_memory(y, x_in)
+    np.testing.assert_array_equal(x_in, expected)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(layer.backward(dy), relu_backward_reference(dy, expected))
+    x_in = x.copy()
+    np.testing.assert_array_equal(layer.forward(x_in), relu_forward_reference(x))
+    np.testing.assert_array_equal(x_in, relu_forward_reference(x))
+
+
+def test_relu_residual_and_inplace_errors():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="residual must match the input shape"):
+        ReLU().forward(x, residual=np.ones((3, 2), np.float32))
+    with pytest.raises(ValueError, match="float32 residual"):
+        ReLU().forward(x, residual=np.ones((2, 3)))
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ReLU(inplace=True).forward(x)
+
+
+@FAST
+@given(size=st.integers(1, 40000), seed=seeds)
+def test_add_into(size, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(size).astype(np.float32)
+    b = rng.standard_normal(size).astype(np.float32)
+    expected = a + b
+    add_into(a, b)
+    np.testing.assert_array_equal(a, expected)
 
 
 def test_relu_reference_gradient():

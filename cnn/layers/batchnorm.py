@@ -16,11 +16,19 @@ input gradient is
 Each direction is one parallel region over channels, and per channel two
 passes: a reduction, then an elementwise pass (y = x*scale + shift;
 dx = dy*a + x*b + c) over the same values while they are still in cache.
+
+``BatchNorm2d(C, relu=True)`` is batch norm followed by a ReLU, fused: the
+elementwise pass writes max(y, 0), and backward masks dy with the kept output
+(dy where y > 0, else 0, as `ReLU`) inside its own two passes. The separate
+ReLU's extra read and write of the whole activation, and its two parallel
+regions, are gone (resnet20 has ten such pairs: bn1 -> relu in every block and
+the stem).
 """
 
 import numpy as np
 from numba import njit, prange, uint64
 
+from .activation import relu_backward_reference, relu_forward_reference
 from .base import NUMBA_OPTIONS, Layer, Parameter
 
 # ---------------------------------------------------------------------------
@@ -120,9 +128,22 @@ def centred_dot_sums(dy_row, x_row, mu):
     return np.float64(s), np.float64(t)
 
 
+@njit(**SERIAL_OPTIONS)
+def affine_row(src, scale, offset, relu, dst):
+    """dst = src * scale + offset, then max(., 0) when relu (1-D float32 rows)."""
+    if relu:
+        for p in range(uint64(src.size)):
+            v = src[p] * scale + offset
+            dst[p] = v if v > 0 else np.float32(0.0)
+    else:
+        for p in range(uint64(src.size)):
+            dst[p] = src[p] * scale + offset
+
+
 @njit(**NUMBA_OPTIONS)
-def batchnorm2d_forward_train(x, gamma, beta, eps, y, mean, var):
-    """Batch statistics and y = gamma * xhat + beta in one parallel region.
+def batchnorm2d_forward_train(x, gamma, beta, eps, relu, y, mean, var):
+    """Batch statistics and y = gamma * xhat + beta (max(., 0) when relu) in
+    one parallel region.
 
     x, y : (N, C, P) float32, y written; gamma, beta : (C,) float32;
     mean, var : (C,) float64, written (var biased). Each thread takes whole
@@ -146,33 +167,39 @@ def batchnorm2d_forward_train(x, gamma, beta, eps, y, mean, var):
         scale = np.float32(scale64)
         offset = np.float32(beta[c] - mean[c] * scale64)
         for n in range(n_batch):
-            src = x[n, c]
-            dst = y[n, c]
-            for p in range(uint64(plane)):
-                dst[p] = src[p] * scale + offset
+            affine_row(x[n, c], scale, offset, relu, y[n, c])
 
 
 @njit(**NUMBA_OPTIONS)
-def scale_shift(x, scale, shift, y):
-    """y[n, c, p] = x[n, c, p] * scale[c] + shift[c] (eval mode)."""
-    n_batch, channels, plane = x.shape
+def scale_shift(x, scale, shift, relu, y):
+    """y[n, c, p] = x[n, c, p] * scale[c] + shift[c], max(., 0) when relu (eval mode)."""
+    n_batch, channels, _ = x.shape
     for nc in prange(n_batch * channels):
         n = nc // channels
         c = nc % channels
-        a = scale[c]
-        b = shift[c]
-        src = x[n, c]
-        dst = y[n, c]
-        for p in range(uint64(plane)):
-            dst[p] = src[p] * a + b
+        affine_row(x[n, c], scale[c], shift[c], relu, y[n, c])
+
+
+@njit(**REDUCTION_OPTIONS)
+def masked_centred_dot_sums(dy_row, y_row, x_row, mu):
+    """`centred_dot_sums` of dy masked by the fused ReLU's output (dy where y > 0)."""
+    s = np.float32(0.0)
+    t = np.float32(0.0)
+    for p in range(uint64(dy_row.size)):
+        g = dy_row[p] if y_row[p] > 0 else np.float32(0.0)
+        s += g
+        t += g * (x_row[p] - mu)
+    return np.float64(s), np.float64(t)
 
 
 @njit(**NUMBA_OPTIONS)
-def batchnorm2d_backward_kernel(dy, x, gamma, mean, invstd, train, dx, dgamma, dbeta):
+def batchnorm2d_backward_kernel(dy, x, y, gamma, mean, invstd, train, relu, dx, dgamma, dbeta):
     """dgamma, dbeta and dx in one parallel region, whole channels per thread.
 
     dy, x, dx : (N, C, P) float32, dx written; gamma : (C,) float32;
     mean, invstd : (C,) float64; dgamma, dbeta : (C,) float64, written.
+    relu: the layer's output y (N, C, P) went through the fused ReLU, and dy
+    is first masked with it (dy where y > 0, else 0); y is not read otherwise.
     The sums dbeta = sum dy and dgamma = sum dy * xhat come first; then, from
     cache, dx = dy * a + x * b + c0 with (train; in eval b = c0 = 0)
 
@@ -185,7 +212,10 @@ def batchnorm2d_backward_kernel(dy, x, gamma, mean, invstd, train, dx, dgamma, d
         total = 0.0
         total_x = 0.0
         for n in range(n_batch):
-            s, sx = centred_dot_sums(dy[n, c], x[n, c], mu)
+            if relu:
+                s, sx = masked_centred_dot_sums(dy[n, c], y[n, c], x[n, c], mu)
+            else:
+                s, sx = centred_dot_sums(dy[n, c], x[n, c], mu)
             total += s
             total_x += sx
         dbeta[c] = total
@@ -203,8 +233,14 @@ def batchnorm2d_backward_kernel(dy, x, gamma, mean, invstd, train, dx, dgamma, d
             g = dy[n, c]
             src = x[n, c]
             dst = dx[n, c]
-            for p in range(uint64(plane)):
-                dst[p] = g[p] * a + src[p] * b + c0
+            if relu:
+                mask = y[n, c]
+                for p in range(uint64(plane)):
+                    gp = g[p] if mask[p] > 0 else np.float32(0.0)
+                    dst[p] = gp * a + src[p] * b + c0
+            else:
+                for p in range(uint64(plane)):
+                    dst[p] = g[p] * a + src[p] * b + c0
 
 
 # ---------------------------------------------------------------------------
@@ -221,6 +257,9 @@ class BatchNorm2d(Layer):
         Channels C.
     eps : float
     momentum : float
+    relu : bool
+        Apply a ReLU to the output, fused into this layer's passes (the
+        output is then kept for backward's mask, besides the input).
 
     Attributes
     ----------
@@ -232,11 +271,12 @@ class BatchNorm2d(Layer):
         Buffer, incremented in place in train mode.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, relu=False):
         super().__init__()
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = float(momentum)
+        self.relu = bool(relu)
         self.weight = Parameter("weight", np.ones(self.num_features))
         self.bias = Parameter("bias", np.zeros(self.num_features))
         self.params = [self.weight, self.bias]
@@ -244,10 +284,12 @@ class BatchNorm2d(Layer):
         self.running_var = np.ones(self.num_features, dtype=np.float32)
         self.num_batches_tracked = np.zeros((), dtype=np.int64)
         self._x = None
+        self._y = None
         self._train = True
 
     def __repr__(self):
-        return f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum})"
+        fused = ", relu=True" if self.relu else ""
+        return f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum}{fused})"
 
     def forward(self, x, train=True):
         x = self._check_input(x, 4, self.num_features)
@@ -266,24 +308,27 @@ class BatchNorm2d(Layer):
                 mean = self.running_mean.astype(np.float64)
                 var = self.running_var.astype(np.float64)
             self._mean, self._var = mean, var
-            return batchnorm2d_forward_reference(
+            y = batchnorm2d_forward_reference(
                 x, self.weight.data, self.bias.data, mean.astype(np.float32),
                 var.astype(np.float32), np.float32(self.eps))
-        y = np.empty_like(x)
-        if train:
-            mean = np.empty(c, dtype=np.float64)
-            var = np.empty(c, dtype=np.float64)
-            batchnorm2d_forward_train(x.reshape(n, c, -1), self.weight.data, self.bias.data,
-                                      self.eps, y.reshape(n, c, -1), mean, var)
-            self._update_running_statistics(mean, var, count)
+            y = relu_forward_reference(y) if self.relu else y
         else:
-            mean = self.running_mean.astype(np.float64)
-            var = self.running_var.astype(np.float64)
-            invstd = 1.0 / np.sqrt(var + self.eps)
-            scale = (self.weight.data * invstd).astype(np.float32)
-            shift = (self.bias.data - mean * scale).astype(np.float32)
-            scale_shift(x.reshape(n, c, -1), scale, shift, y.reshape(n, c, -1))
-        self._mean, self._var = mean, var
+            y = np.empty_like(x)
+            if train:
+                mean = np.empty(c, dtype=np.float64)
+                var = np.empty(c, dtype=np.float64)
+                batchnorm2d_forward_train(x.reshape(n, c, -1), self.weight.data, self.bias.data,
+                                          self.eps, self.relu, y.reshape(n, c, -1), mean, var)
+                self._update_running_statistics(mean, var, count)
+            else:
+                mean = self.running_mean.astype(np.float64)
+                var = self.running_var.astype(np.float64)
+                invstd = 1.0 / np.sqrt(var + self.eps)
+                scale = (self.weight.data * invstd).astype(np.float32)
+                shift = (self.bias.data - mean * scale).astype(np.float32)
+                scale_shift(x.reshape(n, c, -1), scale, shift, self.relu, y.reshape(n, c, -1))
+            self._mean, self._var = mean, var
+        self._y = y if self.relu else None  # the fused ReLU's mask
         return y
 
     def _update_running_statistics(self, mean, var, count):
@@ -299,6 +344,8 @@ class BatchNorm2d(Layer):
         dy = self._check_grad(dy, None if self._x is None else self._x.shape)
         x = self._x
         if self.reference:
+            if self.relu:
+                dy = relu_backward_reference(dy, self._y)
             dx, dgamma, dbeta = batchnorm2d_backward_reference(
                 dy, x, self.weight.data, self._mean.astype(np.float32),
                 self._var.astype(np.float32), np.float32(self.eps), self._train)
@@ -310,9 +357,10 @@ class BatchNorm2d(Layer):
         dbeta = np.empty(c, dtype=np.float64)
         dgamma = np.empty(c, dtype=np.float64)
         dx = np.empty_like(dy)
-        batchnorm2d_backward_kernel(dy.reshape(n, c, -1), x.reshape(n, c, -1), self.weight.data,
-                                    self._mean, invstd, self._train, dx.reshape(n, c, -1),
-                                    dgamma, dbeta)
+        y = self._y if self.relu else dy  # y is read only for the fused ReLU's mask
+        batchnorm2d_backward_kernel(dy.reshape(n, c, -1), x.reshape(n, c, -1), y.reshape(n, c, -1),
+                                    self.weight.data, self._mean, invstd, self._train, self.relu,
+                                    dx.reshape(n, c, -1), dgamma, dbeta)
         self.weight.grad += dgamma.astype(np.float32)
         self.bias.grad += dbeta.astype(np.float32)
         return dx

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from cnn.layers import BatchNorm2d, Conv2D, ReLU
+from cnn.layers.activation import add_into
 
 __all__ = ["BasicBlock", "Bottleneck", "Container", "Dispatcher", "Sequential"]
 
@@ -45,7 +46,9 @@ class Dispatcher:
         self.grad_ready_hooks = []
         self.timings = None
 
-    def forward(self, layer, x, train):
+    def forward(self, layer, x, train, **extra):
+        """layer.forward(x, train=train, **extra); extra: keyword inputs such as
+        the residual of `ReLU.forward`."""
         if isinstance(layer, Container):
             return layer.forward(x, train=train)
         i = self.index.get(id(layer))
@@ -53,9 +56,9 @@ class Dispatcher:
             for fn in self.pre_forward_hooks:
                 fn(i, layer)
         if self.timings is None:
-            return layer.forward(x, train=train)
+            return layer.forward(x, train=train, **extra)
         start = time.perf_counter()
-        y = layer.forward(x, train=train)
+        y = layer.forward(x, train=train, **extra)
         self._record(layer, 0, time.perf_counter() - start)
         return y
 
@@ -131,8 +134,8 @@ class Container:
         for p in self.params:
             p.grad.fill(0)
 
-    def _forward(self, layer, x, train):
-        return self.dispatcher.forward(layer, x, train)
+    def _forward(self, layer, x, train, **extra):
+        return self.dispatcher.forward(layer, x, train, **extra)
 
     def _backward(self, layer, dy):
         return self.dispatcher.backward(layer, dy)
@@ -201,7 +204,12 @@ class _ResidualBlock(Container):
     def _finish(self, downsample):
         if downsample is not None:
             self.add("downsample", downsample)
-        self.relu_out = ReLU()  # a second ReLU object: each one keeps its own mask
+        # Its own ReLU object (each one keeps its own mask), which also does the
+        # addition: relu_out(main, residual=shortcut). A BatchNorm2d without a
+        # fused ReLU keeps its input, not its output, so the sum can overwrite
+        # the main branch's output.
+        last = self.main[-1]
+        self.relu_out = ReLU(inplace=isinstance(last, BatchNorm2d) and not last.relu)
         self.add("relu_out", self.relu_out)
 
     def forward(self, x, train=True):
@@ -209,12 +217,7 @@ class _ResidualBlock(Container):
         for layer in self.main:
             out = self._forward(layer, out, train)
         shortcut = x if self.downsample is None else self._forward(self.downsample, x, train)
-        if isinstance(self.main[-1], BatchNorm2d):
-            # BatchNorm2d keeps its input, not its output: the sum can reuse the output
-            np.add(out, shortcut, out=out)
-        else:
-            out = out + shortcut
-        return self._forward(self.relu_out, out, train)
+        return self._forward(self.relu_out, out, train, residual=shortcut)
 
     def backward(self, dy):
         dy = self._backward(self.relu_out, dy)  # gradient of the sum
@@ -229,7 +232,8 @@ class _ResidualBlock(Container):
             return None
         if isinstance(self.main[0], Conv2D):
             # Conv2D returns a fresh dx that nothing else holds: add in place
-            return np.add(dx, dx_shortcut, out=dx)
+            add_into(dx.reshape(-1), dx_shortcut.reshape(-1))
+            return dx
         return dx + dx_shortcut
 
 
@@ -244,8 +248,9 @@ def _projection(in_channels, out_channels, stride, rng):
 class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions (He et al. 2016, Fig. 2 left); ``expansion = 1``.
 
-    ``conv1 (3x3, stride) -> bn1 -> relu -> conv2 (3x3) -> bn2``, plus the
-    shortcut, then ReLU. The shortcut is the identity when the shape is kept
+    ``conv1 (3x3, stride) -> bn1 + relu -> conv2 (3x3) -> bn2``, plus the
+    shortcut, then ReLU (``bn1`` is a `BatchNorm2d` with its ReLU fused in:
+    torchvision's ``relu`` module has no separate leaf here). The shortcut is the identity when the shape is kept
     and a projection (1x1 conv + BN, "option B") when it changes.
 
     Parameters
@@ -264,8 +269,7 @@ class BasicBlock(_ResidualBlock):
         self.main = [
             self.add("conv1", Conv2D(in_channels, channels, 3, stride=stride, padding=1, bias=False,
                                      rng=rng)),
-            self.add("bn1", BatchNorm2d(channels)),
-            self.add("relu", ReLU()),
+            self.add("bn1", BatchNorm2d(channels, relu=True)),
             self.add("conv2", Conv2D(channels, channels, 3, stride=1, padding=1, bias=False, rng=rng)),
             self.add("bn2", BatchNorm2d(channels)),
         ]
@@ -295,11 +299,9 @@ class Bottleneck(_ResidualBlock):
         out_channels = width * self.expansion
         self.main = [
             self.add("conv1", Conv2D(in_channels, width, 1, bias=False, rng=rng)),
-            self.add("bn1", BatchNorm2d(width)),
-            self.add("relu1", ReLU()),
+            self.add("bn1", BatchNorm2d(width, relu=True)),
             self.add("conv2", Conv2D(width, width, 3, stride=stride, padding=1, bias=False, rng=rng)),
-            self.add("bn2", BatchNorm2d(width)),
-            self.add("relu2", ReLU()),
+            self.add("bn2", BatchNorm2d(width, relu=True)),
             self.add("conv3", Conv2D(width, out_channels, 1, bias=False, rng=rng)),
             self.add("bn3", BatchNorm2d(out_channels)),
         ]

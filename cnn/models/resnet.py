@@ -25,7 +25,6 @@ from cnn.layers import (
     GlobalAvgPool2D,
     Linear,
     MaxPool2D,
-    ReLU,
 )
 
 from .containers import BasicBlock, Bottleneck, Sequential
@@ -45,8 +44,7 @@ def resnet20(num_classes=10, rng=None):
     return Model(
         "resnet20", (3, 32, 32), num_classes,
         ("conv1", Conv2D(3, 16, 3, padding=1, bias=False, rng=rng)),
-        ("bn1", BatchNorm2d(16)),
-        ("relu", ReLU()),
+        ("bn1", BatchNorm2d(16, relu=True)),
         ("layer1", make_stage(BasicBlock, 16, 16, 3, 1, rng)),
         ("layer2", make_stage(BasicBlock, 16, 32, 3, 2, rng)),
         ("layer3", make_stage(BasicBlock, 32, 64, 3, 2, rng)),
@@ -61,8 +59,7 @@ def resnet50(num_classes=1000, rng=None):
     return Model(
         "resnet50", (3, 224, 224), num_classes,
         ("conv1", Conv2D(3, 64, 7, stride=2, padding=3, bias=False, rng=rng)),
-        ("bn1", BatchNorm2d(64)),
-        ("relu", ReLU()),
+        ("bn1", BatchNorm2d(64, relu=True)),
         ("maxpool", MaxPool2D(3, stride=2, padding=1)),
         ("layer1", make_stage(Bottleneck, 64, 64, 3, 1, rng)),
         ("layer2", make_stage(Bottleneck, 256, 128, 4, 2, rng)),

@@ -29,14 +29,18 @@ CONFIGS = {
 
 
 def make_features(config, in_channels, rng):
-    """Conv 3x3 (padding 1: size kept) + ReLU per entry, MaxPool2D(2, 2) per ``"M"``."""
+    """Conv 3x3 (padding 1: size kept) + ReLU per entry, MaxPool2D(2, 2) per ``"M"``.
+
+    The ReLUs are in place, as torchvision's: a Conv2D (or Linear) keeps its
+    input, not its output, so the ReLU may overwrite it.
+    """
     layers = []
     for entry in config:
         if entry == "M":
             layers.append(MaxPool2D(2, stride=2))
         else:
             layers.append(Conv2D(in_channels, entry, 3, padding=1, rng=rng))
-            layers.append(ReLU())
+            layers.append(ReLU(inplace=True))
             in_channels = entry
     return Sequential(*layers)
 
@@ -45,10 +49,10 @@ def _imagenet_vgg(name, config, num_classes, rng):
     """torchvision's VGG: features, AdaptiveAvgPool2d((7, 7)), classifier with Dropout."""
     classifier = Sequential(
         Linear(512 * 7 * 7, 4096, rng=rng),
-        ReLU(),
+        ReLU(inplace=True),
         Dropout(0.5, rng=rng),
         Linear(4096, 4096, rng=rng),
-        ReLU(),
+        ReLU(inplace=True),
         Dropout(0.5, rng=rng),
         Linear(4096, num_classes, rng=rng),
     )
@@ -80,7 +84,7 @@ def vgg16_cifar(num_classes=10, rng=None):
     """
     classifier = Sequential(
         Linear(512, 512, rng=rng),
-        ReLU(),
+        ReLU(inplace=True),
         Linear(512, num_classes, rng=rng),
     )
     return Model(
