@@ -8,14 +8,12 @@ forward, ``grad_ready`` right after its backward) without the leaf layers
 knowing anything about hooks.
 
 Why the gradient of a layer is final right after its own backward: every layer
-object appears exactly once in the forward graph (the two uses of a ReLU in a
-residual block are two ReLU objects), so its ``backward`` runs exactly once per
+object appears exactly once in the forward graph (every ReLU of a model is
+its own object, or fused into the BatchNorm2d before it), so its ``backward`` runs exactly once per
 ``model.backward`` and nothing accumulates into its ``.grad`` afterwards.
 """
 
 import time
-
-import numpy as np
 
 from cnn.layers import BatchNorm2d, Conv2D, ReLU
 from cnn.layers.activation import add_into
@@ -250,8 +248,9 @@ class BasicBlock(_ResidualBlock):
 
     ``conv1 (3x3, stride) -> bn1 + relu -> conv2 (3x3) -> bn2``, plus the
     shortcut, then ReLU (``bn1`` is a `BatchNorm2d` with its ReLU fused in:
-    torchvision's ``relu`` module has no separate leaf here). The shortcut is the identity when the shape is kept
-    and a projection (1x1 conv + BN, "option B") when it changes.
+    torchvision's ``relu`` module has no separate leaf here). The shortcut is
+    the identity when the shape is kept and a projection (1x1 conv + BN,
+    "option B") when it changes.
 
     Parameters
     ----------
