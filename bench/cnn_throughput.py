@@ -30,13 +30,11 @@ not libtorch's allocator, so it cannot compare the two.
 
 Thread settings: the child's OMP/MKL/OpenBLAS/numba thread variables are set to
 ``--threads`` before anything is imported, then ``cnn.set_num_threads`` (numba
-and, through threadpoolctl, BLAS) or ``torch.set_num_threads``. Our process also
-gets ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it, as ``import cnn``
-does (see cnn/__init__.py): numba's OpenMP workers sleep between kernels
-instead of spinning. Every SGEMM of our step runs single-threaded on those
-workers (cnn/layers/blas.py), so OpenBLAS's own pool stays idle; with that,
-PASSIVE and ACTIVE measured the same here (resnet20, batch 64, 2 threads, 6
-runs each). PyTorch runs everything on one OpenMP pool and keeps its defaults.
+and, through threadpoolctl, BLAS) or ``torch.set_num_threads``. Our process
+keeps ``import cnn``'s waiting policy unless the caller set one (see
+cnn/__init__.py): numba's OpenMP workers spin for a bounded ~1.4 ms after a
+kernel, then sleep. Every SGEMM of our step runs single-threaded on those
+workers (cnn/layers/blas.py), so OpenBLAS's own pool stays idle. PyTorch runs everything on one OpenMP pool and keeps its defaults.
 
 Output: without ``--json``, one markdown table row
 ``| model | batch | threads | ours img/s | torch img/s | ours/torch | ours peak MB | torch peak MB |``;
@@ -333,8 +331,6 @@ def run_worker(framework, args, profile=False):
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                OPENBLAS_NUM_THREADS=threads, NUMBA_NUM_THREADS=threads)
-    if framework == "ours":
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see the docstring: two pools
     command = [sys.executable, "-m", "bench.cnn_throughput", "--worker", framework,
                "--model", args.model, "--batch", str(args.batch), "--threads", threads,
                "--iters", str(args.iters), "--warmup", str(args.warmup)]

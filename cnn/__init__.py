@@ -7,14 +7,22 @@ import ctypes
 import os
 import sys
 
-# numba's OpenMP workers spin-wait after each parallel region by default and
-# starve whatever runs next on the same cores: the communication thread, and
-# any other thread pool. Measured when conv SGEMMs still ran on OpenBLAS's own
-# pool: resnet20 batch 64 on 2 threads took 3-16 s per step with spinning
-# workers, 0.2-0.26 s without. (All SGEMMs now run on numba's workers, see
-# cnn/layers/blas.py, but the communication thread still needs the cores.)
+# How numba's OpenMP workers wait between parallel regions. Left to libgomp's
+# default they spin for ~300,000 iterations (~14 ms here) after every region
+# and starve whatever else needs the cores (measured when conv SGEMMs still ran
+# on OpenBLAS's own pool: resnet20 batch 64 on 2 threads took 3-16 s per step,
+# 0.2-0.26 s without spinning). Fully passive, every region pays a futex wake-up
+# and a sleep: resnet20's ~190 regions per step cost 8.0-8.6 ms at batch 2 on
+# 2 threads, against 4.9 ms on 1 thread. So: PASSIVE (for any OpenMP runtime),
+# and GNU libgomp spins GOMP_SPINCOUNT = 30,000 iterations (~1.4 ms of one
+# core measured here) before it sleeps: batch 2 then took 3.5-4.8 ms, and
+# libgomp cuts the spin to 1,000 when it has more threads than CPUs.
+# engine/ asks for no spin at all: its progress thread needs the cores between
+# kernels (engine/__init__.py, imported before this module when training).
 # Set before numba starts OpenMP; an explicit setting by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "30000"
 
 
 import numba  # noqa: E402

@@ -591,6 +591,29 @@ def test_set_num_threads():
         cnn.set_num_threads(0)
 
 
+@pytest.mark.parametrize("first, preset, expected", [
+    ("cnn", {}, ("PASSIVE", "30000")),  # cnn alone: a bounded spin, then sleep
+    ("engine", {}, ("PASSIVE", "0")),  # beside the progress thread: no spin
+    ("cnn", {"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # the user's choice wins
+    ("engine", {"GOMP_SPINCOUNT": "5"}, (None, "5")),
+])
+def test_openmp_wait_policy_defaults(first, preset, expected):
+    """What `import cnn` / `import engine` leave in the environment for libgomp
+    (read when numba starts its OpenMP workers), in a fresh interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = (f"import os, json, {first}; "
+            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    assert tuple(json.loads(out.strip().splitlines()[-1])) == expected
+
+
 def _conv3x3_run(x, dy, out_channels, initial_grad=0.0):
     """(layer, [y, dx, weight grad, bias grad]) of a fresh 3x3 padding-1 Conv2D
     (same initial weights every time) whose weight gradient starts at

@@ -304,8 +304,7 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
                 col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx[lo:hi])
 
 
-@njit(**NUMBA_OPTIONS)
-def add_partials(total, partials):
+def _add_partials(total, partials):
     """total += partials[0] + partials[1] + ..., in that order for every element."""
     flat_total = total.reshape(-1)
     size = flat_total.size
@@ -317,6 +316,24 @@ def add_partials(total, partials):
             part = partials[g].reshape(-1)
             for k in range(lo, hi):
                 flat_total[k] += part[k]
+
+
+_add_partials_parallel = njit(**NUMBA_OPTIONS)(_add_partials)
+_add_partials_serial = njit(**SERIAL_OPTIONS)(_add_partials)  # prange runs as range
+
+#: Below this many partial elements `add_partials` stays on the calling thread:
+#: a parallel region's start and end cost more than the sums (resnet20's
+#: weight gradients, up to 9*64*64 per partial; ~16 regions per step).
+SERIAL_PARTIALS = 1 << 17
+
+
+def add_partials(total, partials):
+    """total += partials[0] + partials[1] + ..., in that order for every element
+    (the same bits whichever way it runs)."""
+    if partials.size <= SERIAL_PARTIALS:
+        _add_partials_serial(total, partials)
+    else:
+        _add_partials_parallel(total, partials)
 
 
 # ---------------------------------------------------------------------------
