@@ -34,7 +34,8 @@ and, through threadpoolctl, BLAS) or ``torch.set_num_threads``. Our process
 keeps ``import cnn``'s waiting policy unless the caller set one (see
 cnn/__init__.py): numba's OpenMP workers spin for a bounded ~1.4 ms after a
 kernel, then sleep. Every SGEMM of our step runs single-threaded on those
-workers (cnn/layers/blas.py), so OpenBLAS's own pool stays idle. PyTorch runs everything on one OpenMP pool and keeps its defaults.
+workers (cnn/layers/blas.py), so OpenBLAS's own pool stays idle. PyTorch runs
+everything on one OpenMP pool and keeps its defaults.
 
 Output: without ``--json``, one markdown table row
 ``| model | batch | threads | ours img/s | torch img/s | ours/torch | ours peak MB | torch peak MB |``;
