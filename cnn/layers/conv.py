@@ -354,6 +354,11 @@ def add_partials(total, partials):
 # written, OpenBLAS reads the shifted views directly. The W_pad - W_out
 # columns that wrap around a row are dropped on the way to y (and are zero in
 # dY_w). Measured 1.5-3x faster than im2col on resnet20's stride-1 layers.
+# The 9 SGEMMs run block by block over the columns (`shifted_block`), so
+# that a block of Y_w (or dY_w) and of the taps stays in L1 for all 9.
+# (Stacking the three row shifts into 3 SGEMMs of depth 3C instead was tried:
+# 1.05-1.13x slower than the blocked 9 on resnet20's 16-channel layer, 1.3x on
+# its 32-channel one.)
 
 
 @njit(**SERIAL_OPTIONS)
