@@ -19,6 +19,14 @@ the JSON: ``ours_img_s_rounds``, ``torch_img_s_rounds``). PyTorch runs the same
 architecture (the modules below, with the same state_dict names; parity is
 checked by tests/test_torch_parity.py) with ``torch.set_num_threads(threads)``.
 
+Core probe: with 2 or more threads, ``python -m bench.coreprobe`` runs in a
+fresh process just before each round, and its figure - how much longer two
+threads take on L2-resident SGEMMs at once than one thread alone, about 1.1
+with two cores to themselves - is recorded beside the round
+(``ours_probe_rounds``, ``torch_probe_rounds``). On the shared VM of
+bench/results/ it switches between ~1.1 and ~3 every few seconds, and our
+2-thread rounds follow it (see bench/coreprobe.py).
+
 Peak memory: each framework is measured in its own fresh subprocess, and the
 figure is that process's resident-set high-water mark,
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` - everything the process ever held
@@ -344,6 +352,20 @@ def run_worker(framework, args, profile=False):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def probe_cores(threads):
+    """`bench.coreprobe` in a fresh process with `threads` numba threads: the
+    2-thread slowdown figure, or None below 2 threads."""
+    if threads < 2:
+        return None
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run([sys.executable, "-m", "bench.coreprobe", "--value"], check=False,
+                               env=env, cwd=root, stdout=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        sys.exit(f"cnn_throughput: the core probe failed (exit {completed.returncode})")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def print_profile(model, result, out):
     profile = result["profile"]
     print(f"\n{model}: {profile['step_ms']:.1f} ms per profiled step (ours)", file=out)
@@ -399,11 +421,13 @@ def main():
                  "numba threadpoolctl tqdm, then /tmp/torchvenv/bin/python -m bench.cnn_throughput ...")
     # Alternate the two frameworks, one fresh process each per round, so that
     # a slow spell of a shared machine hits both and not one of them only.
-    ours_rounds, torch_rounds = [], []
+    ours_rounds, torch_rounds, ours_probes, torch_probes = [], [], [], []
     for round_index in range(args.rounds):
         profile = args.profile and round_index == 0  # the first round's profile is printed
+        ours_probes.append(probe_cores(args.threads))
         ours_rounds.append(run_worker("ours", args, profile))
         if args.compare_torch:
+            torch_probes.append(probe_cores(args.threads))
             torch_rounds.append(run_worker("torch", args, profile))
     ours, theirs = ours_rounds[0], (torch_rounds[0] if torch_rounds else None)
     ours_img_s = statistics.median(r["img_s"] for r in ours_rounds)
@@ -424,6 +448,8 @@ def main():
         "rounds": args.rounds,
         "ours_img_s_rounds": [round(r["img_s"], 2) for r in ours_rounds],
         "torch_img_s_rounds": [round(r["img_s"], 2) for r in torch_rounds] if theirs else None,
+        "ours_probe_rounds": ours_probes if args.threads > 1 else None,
+        "torch_probe_rounds": torch_probes if theirs and args.threads > 1 else None,
     }
     report = sys.stderr if args.json else sys.stdout
     if args.profile:

@@ -135,21 +135,26 @@ def throughput_section(rows):
              "`python -m bench.cnn_throughput --model M --batch 64 --threads T --compare-torch`: "
              "one training step (forward, backward, SGD) timed after warm-up, median over the "
              "steps of one fresh process; the two frameworks alternate for `--rounds` processes "
-             "each and the table gives the median round (every round in the last column).", "",
+             "each and the table gives the median round (every round in the next column; at 2 "
+             "threads, the core probe taken before each round in the last: ~1.1 when the two "
+             "threads had two cores to themselves, ~3 when they slowed each other down, see "
+             "`bench/coreprobe.py`).", "",
              "| model | batch | threads | ours img/s | PyTorch img/s | ratio | ours peak MB "
-             "| PyTorch peak MB | rounds, ours / PyTorch img/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| PyTorch peak MB | rounds, ours / PyTorch img/s | core probe, ours / PyTorch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
-    def rounds(values):
-        return "n/a" if not values else ", ".join(f"{v:.0f}" for v in values)
+    def rounds(values, spec=".0f"):
+        return "n/a" if not values else ", ".join(format(v, spec) for v in values)
     for r in sorted(rows, key=lambda r: (r["model"], r["threads"])):
         lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {fmt(r['ours_img_s'], '.1f')} | "
                      f"{fmt(r.get('torch_img_s'), '.1f')} | {fmt(r.get('ratio'), '.3f')} | "
                      f"{fmt(r.get('ours_peak_mb'), '.0f')} | {fmt(r.get('torch_peak_mb'), '.0f')} | "
-                     f"{rounds(r.get('ours_img_s_rounds'))} / {rounds(r.get('torch_img_s_rounds'))} |")
+                     f"{rounds(r.get('ours_img_s_rounds'))} / {rounds(r.get('torch_img_s_rounds'))} | "
+                     f"{rounds(r.get('ours_probe_rounds'), '.2f')} / "
+                     f"{rounds(r.get('torch_probe_rounds'), '.2f')} |")
     return lines + [""]
 
 

@@ -1,0 +1,37 @@
+"""The benchmark helpers that are not benchmarks themselves: the core probe and
+the README table of the throughput comparison."""
+
+import numba
+import pytest
+
+import cnn
+from bench import report
+from bench.coreprobe import two_thread_slowdown
+
+
+def test_core_probe_needs_two_threads_and_gives_a_ratio():
+    try:
+        cnn.set_num_threads(1)
+        assert two_thread_slowdown() is None
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba has a single thread here")
+        cnn.set_num_threads(2)
+        ratio = two_thread_slowdown(repeats=1)
+        assert 0.2 < ratio < 50  # a time ratio, not a placeholder
+    finally:
+        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_throughput_table_shows_rounds_and_probes():
+    row = {"model": "resnet20", "batch": 64, "threads": 2, "ours_img_s": 900.0, "torch_img_s": 800.0,
+           "ratio": 1.125, "ours_peak_mb": 300.0, "torch_peak_mb": 500.0,
+           "ours_img_s_rounds": [900.0, 650.0, 910.0], "torch_img_s_rounds": [800.0, 810.0, 700.0],
+           "ours_probe_rounds": [1.1, 2.6, 1.12], "torch_probe_rounds": [1.09, 1.1, 2.7]}
+    lines = report.throughput_section([row, dict(row, threads=1, ours_probe_rounds=None,
+                                                 torch_probe_rounds=None)])
+    two = next(line for line in lines if line.startswith("| resnet20 | 64 | 2 |"))
+    assert two.endswith("| 900, 650, 910 / 800, 810, 700 | 1.10, 2.60, 1.12 / 1.09, 1.10, 2.70 |")
+    one = next(line for line in lines if line.startswith("| resnet20 | 64 | 1 |"))
+    assert one.endswith("| n/a / n/a |")
+    header = next(line for line in lines if line.startswith("| model |"))
+    assert header.count("|") == two.count("|")
