@@ -675,7 +675,13 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
         return
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, out_channels, 3, 1, padding, bias=bias, rng=rng)
+    import cnn.layers.winograd as winograd_module
+
     thresholds = {"WINOGRAD_MIN_CHANNELS": 0 if algorithm == "winograd" else 10**9}
+    # Winograd's forward and dx pipelined per chunk for half the examples
+    pipeline_min = 0 if seed % 2 else winograd_module.PIPELINE_MIN_OUTPUTS
+    old_pipeline = winograd_module.PIPELINE_MIN_OUTPUTS
+    winograd_module.PIPELINE_MIN_OUTPUTS = pipeline_min
     for name in ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS"):
         thresholds[name] = 0 if algorithm == "shifted" else 10**9
     # the smallest column blocks (16): several per plane, the last one partial
@@ -694,6 +700,7 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
     finally:
         for name, value in old.items():
             setattr(conv_module, name, value)
+        winograd_module.PIPELINE_MIN_OUTPUTS = old_pipeline
     w64 = layer.weight.data.astype(np.float64)
     b64 = layer.bias.data.astype(np.float64) if bias else None
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
@@ -770,21 +777,27 @@ def test_winograd_references_match_direct_convolution(shape, out_channels, paddi
 
 
 # 7x5 outputs: 4 x 3 tiles; 16 * 128 values per tile (64 channels in and out)
-@pytest.mark.parametrize("chunk_elements", [
-    16 * 128 * 12 * 2,   # 2 samples per chunk: 5 chunks
-    16 * 128 * 3 * 3,    # one sample in bands of 3 tile rows and 1 row: 18 chunks
+@pytest.mark.parametrize("chunk_elements, pipelined", [
+    (16 * 128 * 12 * 2, False),   # 2 samples per chunk: 5 chunks, three parallel phases each
+    (16 * 128 * 12 * 2, True),    # the same chunks, each on one thread (forward and dx)
+    (16 * 128 * 3 * 3, False),    # one sample in bands of 3 tile rows and 1 row: 18 chunks
 ])
-def test_winograd_same_bits_for_any_thread_count(chunk_elements):
+def test_winograd_same_bits_for_any_thread_count(chunk_elements, pipelined):
     """Chunks depend on the layer shape only and every output element is one
     thread's work: 1 and 2 threads give the same bits, run after run, also with
-    many chunks, bands of tile rows and odd (partial-tile) sizes."""
+    many chunks, bands of tile rows, the pipelined forward and odd
+    (partial-tile) sizes."""
     import cnn.layers.winograd as winograd_module
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
     dy = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
-    old = winograd_module.CHUNK_ELEMENTS
-    winograd_module.CHUNK_ELEMENTS = chunk_elements
+    settings_ = {"CHUNK_ELEMENTS": chunk_elements,
+                 "PIPELINE_MIN_OUTPUTS": 0 if pipelined else 10**9,
+                 "PIPELINE_ELEMENTS": 16 * 128 * 12 * 2}
+    old = {name: getattr(winograd_module, name) for name in settings_}
+    for name, value in settings_.items():
+        setattr(winograd_module, name, value)
     assert len(winograd_module._chunks(9, 4, 3, 128)) == (5 if chunk_elements > 16 * 128 * 12 else 18)
     runs = []
     try:
@@ -792,7 +805,8 @@ def test_winograd_same_bits_for_any_thread_count(chunk_elements):
             cnn.set_num_threads(threads)
             runs.append(_conv3x3_run(x, dy, 64, initial_grad=0.5))
     finally:
-        winograd_module.CHUNK_ELEMENTS = old
+        for name, value in old.items():
+            setattr(winograd_module, name, value)
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert all(layer._winograd() for layer, _ in runs)
     _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)

@@ -33,7 +33,12 @@ transform (split over channels), 16 SGEMMs (split over k, and over rows of
 the result when there are more than 16 threads), inverse transform. Every
 output element is computed by one thread in a fixed order, so the results are
 the same bits for any number of threads, and the weight gradient needs no
-per-thread partial sums.
+per-thread partial sums. Forward layers with large planes (at least
+PIPELINE_MIN_OUTPUTS outputs a channel) instead give each thread whole
+chunks of a few samples and run all three phases of a chunk on it
+(`winograd_pipelined`): V and M then stay in that thread's cache. The choice
+depends on the layer shape only, so the bits still do not depend on the
+thread count.
 """
 
 import numba
@@ -42,7 +47,7 @@ from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, scratch
-from .blas import SERIAL_OPTIONS, sgemm, single_threaded_blas
+from .blas import SERIAL_OPTIONS, sgemm, single_threaded_blas, take_chunk
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float32)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float32)
@@ -52,6 +57,17 @@ A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float32)
 #: so a chunk's transforms stay in the last-level cache for its SGEMMs, while
 #: the SGEMMs still see a few hundred tiles.
 CHUNK_ELEMENTS = 1 << 21
+
+#: Forward (and input-gradient) layers with at least this many outputs per
+#: channel, whose samples fit a chunk, run `winograd_pipelined`, whose chunks
+#: hold about PIPELINE_ELEMENTS values of V and M (at least one sample).
+#: Measured at batch 64, forward ms, phases -> pipelined: 64 -> 64 channels on
+#: 32x32, 1 thread 31.1 -> 26.7-27.2, 2 threads 15.8-22.2 -> 13.5-14.0 (the
+#: phases scaled 1.4-2.0x from 1 to 2 threads, the pipeline 1.96x); 128 on
+#: 16x16 and 256 on 8x8 within noise either way, 512 on 4x4 1.2-2.5x slower
+#: (too few tiles a sample for the SGEMMs of one chunk).
+PIPELINE_MIN_OUTPUTS = 1024
+PIPELINE_ELEMENTS = 1 << 19
 
 
 def tiles(h_out, w_out):
@@ -372,8 +388,42 @@ def batched_sgemm(trans_b, a, b, beta, c, row_blocks):
             _sgemm_rows(trans_b, a[k], b[k], beta, c[k], r0, r1)
 
 
+_input_transform_serial = njit(**SERIAL_OPTIONS)(input_transform.py_func)  # prange as range
+_output_transform_serial = njit(**SERIAL_OPTIONS)(output_transform.py_func)
+
+
+@njit(**NUMBA_OPTIONS)
+def winograd_pipelined(x, u, bias, ph, pw, th, tw, chunk, v_scratch, m_scratch, y):
+    """The forward of `winograd_conv`, one chunk of `chunk` whole samples per
+    worker at a time, all three phases on that worker.
+
+    u : (16, O, C) transformed filters; v_scratch, m_scratch : (workers, 16,
+    >= stride) per-worker planes, stride >= max(C, O)*chunk*th*tw. Workers take
+    chunks from a shared counter, as in the conv kernels.
+    """
+    n, channels = x.shape[:2]
+    channels_out = y.shape[1]
+    n_chunks = (n + chunk - 1) // chunk
+    counter = np.zeros(1, dtype=np.int64)
+    for worker in prange(v_scratch.shape[0]):
+        v_flat = v_scratch[worker]
+        m_flat = m_scratch[worker]
+        while True:
+            c = take_chunk(counter)
+            if c >= n_chunks:
+                break
+            lo = c * chunk
+            hi = min(n, lo + chunk)
+            t = (hi - lo) * th * tw
+            _input_transform_serial(x[lo:hi], ph, pw, 0, th, tw, v_flat)
+            for k in range(16):
+                sgemm(False, False, 1.0, u[k], v_flat[k, : channels * t].reshape((channels, t)), 0.0,
+                      m_flat[k, : channels_out * t].reshape((channels_out, t)))
+            _output_transform_serial(m_flat, bias, 0, th, tw, y[lo:hi])
+
+
 # ---------------------------------------------------------------------------
-# drivers: chunks of whole samples, three parallel phases each
+# drivers: chunks of whole samples, three parallel phases each (or pipelined)
 # ---------------------------------------------------------------------------
 
 
@@ -395,18 +445,20 @@ def _row_blocks():
     return -(-numba.get_num_threads() // 16)
 
 
+def _plane_stride(size):
+    """Floats from one of the 16 planes to the next: at least `size`, and 64
+    bytes past a multiple of 4 KiB - the transforms touch all 16 at once, and
+    16 streams 4 KiB-aligned apart would fall into the same cache sets
+    (measured 3-5x slower transforms)."""
+    return -(-size // 1024) * 1024 + 16
+
+
 def planes(name, rows, columns):
     """16 matrices (rows, columns) in a shared scratch buffer: (flat, matrices),
     flat (16, >= rows*columns) for the transforms, matrices (16, rows, columns)
-    a view of it for the SGEMMs.
-
-    The planes start 64 bytes past a multiple of 4 KiB from each other: the
-    transforms touch all 16 at once, and 16 streams 4 KiB-aligned apart would
-    fall into the same cache sets (measured 3-5x slower transforms).
-    """
+    a view of it for the SGEMMs (planes `_plane_stride` apart)."""
     size = rows * columns
-    stride = -(-size // 1024) * 1024 + 16
-    flat = scratch(name, (16, stride))
+    flat = scratch(name, (16, _plane_stride(size)))
     return flat, flat[:, :size].reshape(16, rows, columns)
 
 
@@ -423,6 +475,16 @@ def winograd_conv(x, weight, rotate, bias, padding, y):
     ph, pw = padding
     u_flat, u = planes("winograd.u", channels_out, channels)
     filter_transform(weight, rotate, u_flat)
+    per_sample = 16 * (channels + channels_out) * th * tw
+    if h_out * w_out >= PIPELINE_MIN_OUTPUTS and per_sample <= CHUNK_ELEMENTS:
+        chunk = max(1, min(n, PIPELINE_ELEMENTS // per_sample))
+        workers = min(numba.get_num_threads(), -(-n // chunk))
+        stride = _plane_stride(max(channels, channels_out) * chunk * th * tw)
+        v = scratch("winograd.v", (workers, 16, stride))
+        m = scratch("winograd.m", (workers, 16, stride))
+        with single_threaded_blas():
+            winograd_pipelined(x, u, bias, ph, pw, th, tw, chunk, v, m, y)
+        return
     with single_threaded_blas():
         for lo, hi, a0, a1 in _chunks(n, th, tw, channels + channels_out):
             t = (hi - lo) * (a1 - a0) * tw
