@@ -8,9 +8,10 @@ forward, ``grad_ready`` right after its backward) without the leaf layers
 knowing anything about hooks.
 
 Why the gradient of a layer is final right after its own backward: every layer
-object appears exactly once in the forward graph (every ReLU of a model is
-its own object, or fused into the BatchNorm2d before it), so its ``backward`` runs exactly once per
-``model.backward`` and nothing accumulates into its ``.grad`` afterwards.
+object appears exactly once in the forward graph (every ReLU of a model is its
+own object, or fused into the BatchNorm2d before it), so its ``backward`` runs
+exactly once per ``model.backward`` and nothing accumulates into its ``.grad``
+afterwards.
 """
 
 import time
