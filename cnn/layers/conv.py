@@ -535,6 +535,13 @@ SHIFTED_MIN_CHANNELS = 8
 #: SGEMMs instead of streaming through L2 nine times. See `shifted_block`.
 SHIFTED_BLOCK_ELEMENTS = 8192
 
+#: ... and at most this many columns. On resnet20's 16-channel layer (256
+#: columns without the cap), forward + backward at 2 threads in the VM's slow
+#: state (see `shifted_block`), in-process A/B: 128 columns 0.69-0.84x the
+#: time of 256; on one thread the same (6.83 vs 6.79 ms). Its 32-channel
+#: layer already gets 128; 64 there cost 6 % on one thread.
+SHIFTED_MAX_COLUMNS = 128
+
 
 def shifted_block(channels, channels_out):
     """Columns per block of the shifted-view SGEMMs (a multiple of 16).
@@ -545,7 +552,7 @@ def shifted_block(channels, channels_out):
     us per block both ways. Operands that stream from L2 are what two threads
     slow each other down on; blocks that fit L1 are not.
     """
-    return max(16, SHIFTED_BLOCK_ELEMENTS // (channels + channels_out) // 16 * 16)
+    return max(16, min(SHIFTED_MAX_COLUMNS, SHIFTED_BLOCK_ELEMENTS // (channels + channels_out) // 16 * 16))
 
 
 #: 3x3 stride-1 layers with at least this many input and output channels run
