@@ -21,6 +21,7 @@ read against the machine it got.
 
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -41,8 +42,6 @@ def _products(a, b, c, calls, workers):
 def two_thread_slowdown(repeats=3):
     """Time on two threads at once / time on one thread (best of `repeats`);
     None when numba has fewer than two threads."""
-    import numba
-
     if numba.get_num_threads() < 2:
         return None
     # padded rows: the two threads' operands share no cache line

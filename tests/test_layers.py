@@ -7,6 +7,8 @@ checked against central finite differences, so the chain is
     numba kernel == numpy reference (float32)   and   reference == d/dx (float64).
 """
 
+import contextlib
+
 import numba
 import numpy as np
 import pytest
@@ -67,6 +69,19 @@ def numerical_grad_check(loss, arrays_and_grads, rng, points=12, eps=1e-6):
             flat[k] = old
             numeric = (up - down) / (2 * eps)
             np.testing.assert_allclose(grad.reshape(-1)[k], numeric, rtol=1e-5, atol=1e-7)
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    """Set module-level tuning constants for the block, restore them after."""
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
 
 
 def make_layer(layer, impl):
@@ -159,9 +174,7 @@ def test_conv2d_skip_input_grad_and_large_batch_chunks():
     x = rng.standard_normal((70, 4, 6, 6)).astype(np.float32)  # several batch chunks
     import cnn.layers.conv as conv_module
 
-    old = conv_module.CHUNK_ELEMENTS
-    conv_module.CHUNK_ELEMENTS = 36 * 36 * 8  # force ~8 samples per chunk
-    try:
+    with patched(conv_module, CHUNK_ELEMENTS=36 * 36 * 8):  # force ~8 samples per chunk
         y = layer.forward(x)
         dy = rng.standard_normal(y.shape).astype(np.float32)
         dx = layer.backward(dy)
@@ -170,8 +183,6 @@ def test_conv2d_skip_input_grad_and_large_batch_chunks():
         layer.skip_input_grad = True
         assert layer.backward(dy) is None
         np.testing.assert_allclose(layer.weight.grad, dw, rtol=1e-6)
-    finally:
-        conv_module.CHUNK_ELEMENTS = old
     dx_ref, dw_ref, _ = conv2d_backward_reference(
         dy.astype(np.float64), x.astype(np.float64), layer.weight.data.astype(np.float64),
         (1, 1), (1, 1))
@@ -647,17 +658,15 @@ def test_conv2d_same_bits_run_to_run(threads):
     gradients are added in chunk order: the same bits on every run."""
     import cnn.layers.conv as conv_module
 
-    old = conv_module.CHUNK_ELEMENTS
-    conv_module.CHUNK_ELEMENTS = 27 * 64 * 3  # ~3 samples per chunk: many chunks
     cnn.set_num_threads(threads)
     try:
-        rng = np.random.default_rng(5)
-        x = rng.standard_normal((37, 3, 8, 8)).astype(np.float32)
-        dy = rng.standard_normal((37, 6, 8, 8)).astype(np.float32)
-        runs = [_conv3x3_run(x, dy, 6, initial_grad=0.5) for _ in range(5)]
-        _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)
+        with patched(conv_module, CHUNK_ELEMENTS=27 * 64 * 3):  # ~3 samples per chunk: many chunks
+            rng = np.random.default_rng(5)
+            x = rng.standard_normal((37, 3, 8, 8)).astype(np.float32)
+            dy = rng.standard_normal((37, 6, 8, 8)).astype(np.float32)
+            runs = [_conv3x3_run(x, dy, 6, initial_grad=0.5) for _ in range(5)]
+            _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)
     finally:
-        conv_module.CHUNK_ELEMENTS = old
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
@@ -669,27 +678,21 @@ def test_conv2d_same_bits_run_to_run(threads):
 def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padding, bias, seed):
     """The stride-1 3x3 layers, run by each of the three algorithms."""
     import cnn.layers.conv as conv_module
+    import cnn.layers.winograd as winograd_module
 
     n, c, height, width = shape
     if height + 2 * padding[0] < 3 or width + 2 * padding[1] < 3:
         return
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, out_channels, 3, 1, padding, bias=bias, rng=rng)
-    import cnn.layers.winograd as winograd_module
-
     thresholds = {"WINOGRAD_MIN_CHANNELS": 0 if algorithm == "winograd" else 10**9}
-    # Winograd's forward and dx pipelined per chunk for half the examples
-    pipeline_min = 0 if seed % 2 else winograd_module.PIPELINE_MIN_OUTPUTS
-    old_pipeline = winograd_module.PIPELINE_MIN_OUTPUTS
-    winograd_module.PIPELINE_MIN_OUTPUTS = pipeline_min
     for name in ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS"):
         thresholds[name] = 0 if algorithm == "shifted" else 10**9
     # the smallest column blocks (16): several per plane, the last one partial
     thresholds["SHIFTED_BLOCK_ELEMENTS"] = 0 if seed % 2 else conv_module.SHIFTED_BLOCK_ELEMENTS
-    old = {name: getattr(conv_module, name) for name in thresholds}
-    for name, value in thresholds.items():
-        setattr(conv_module, name, value)
-    try:
+    # Winograd's forward and dx pipelined per chunk for half the examples
+    pipeline_min = 0 if seed % 2 else winograd_module.PIPELINE_MIN_OUTPUTS
+    with patched(conv_module, **thresholds), patched(winograd_module, PIPELINE_MIN_OUTPUTS=pipeline_min):
         assert layer._winograd() == (algorithm == "winograd")
         assert layer._shifted(shape) == (algorithm == "shifted")
         x = rng.standard_normal(shape).astype(np.float32)
@@ -697,10 +700,6 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
         dy = rng.standard_normal(y.shape).astype(np.float32)
         layer.weight.grad[...] = 0.25  # accumulates
         dx = layer.backward(dy)
-    finally:
-        for name, value in old.items():
-            setattr(conv_module, name, value)
-        winograd_module.PIPELINE_MIN_OUTPUTS = old_pipeline
     w64 = layer.weight.data.astype(np.float64)
     b64 = layer.bias.data.astype(np.float64) if bias else None
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
@@ -792,21 +791,17 @@ def test_winograd_same_bits_for_any_thread_count(chunk_elements, pipelined):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
     dy = rng.standard_normal((9, 64, 7, 5)).astype(np.float32)
-    settings_ = {"CHUNK_ELEMENTS": chunk_elements,
-                 "PIPELINE_MIN_OUTPUTS": 0 if pipelined else 10**9,
-                 "PIPELINE_ELEMENTS": 16 * 128 * 12 * 2}
-    old = {name: getattr(winograd_module, name) for name in settings_}
-    for name, value in settings_.items():
-        setattr(winograd_module, name, value)
-    assert len(winograd_module._chunks(9, 4, 3, 128)) == (5 if chunk_elements > 16 * 128 * 12 else 18)
     runs = []
     try:
-        for threads in (1, 2, 1, 2):
-            cnn.set_num_threads(threads)
-            runs.append(_conv3x3_run(x, dy, 64, initial_grad=0.5))
+        with patched(winograd_module, CHUNK_ELEMENTS=chunk_elements,
+                     PIPELINE_MIN_OUTPUTS=0 if pipelined else 10**9,
+                     PIPELINE_ELEMENTS=16 * 128 * 12 * 2):
+            assert len(winograd_module._chunks(9, 4, 3, 128)) == (
+                5 if chunk_elements > 16 * 128 * 12 else 18)
+            for threads in (1, 2, 1, 2):
+                cnn.set_num_threads(threads)
+                runs.append(_conv3x3_run(x, dy, 64, initial_grad=0.5))
     finally:
-        for name, value in old.items():
-            setattr(winograd_module, name, value)
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert all(layer._winograd() for layer, _ in runs)
     _check_same_bits_and_reference(runs, x, dy, initial_grad=0.5)
@@ -881,15 +876,11 @@ def test_winograd_float32_error_as_small_as_im2col():
     dy = rng.standard_normal((4, 128, 8, 8)).astype(np.float32)
     results = {}
     for algorithm in ("winograd", "im2col"):
-        old = (conv_module.WINOGRAD_MIN_CHANNELS, conv_module.SHIFTED_MIN_CHANNELS)
-        if algorithm == "im2col":
-            conv_module.WINOGRAD_MIN_CHANNELS = conv_module.SHIFTED_MIN_CHANNELS = 10**9
-        try:
+        off = {"WINOGRAD_MIN_CHANNELS": 10**9, "SHIFTED_MIN_CHANNELS": 10**9} if algorithm == "im2col" else {}
+        with patched(conv_module, **off):
             layer = Conv2D(128, 128, 3, padding=1, rng=np.random.default_rng(0))
             y = layer.forward(x)
             dx = layer.backward(dy)
-        finally:
-            conv_module.WINOGRAD_MIN_CHANNELS, conv_module.SHIFTED_MIN_CHANNELS = old
         results[algorithm] = (y, dx, layer.weight.grad.copy())
     w64 = layer.weight.data.astype(np.float64)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
