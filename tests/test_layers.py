@@ -625,11 +625,12 @@ def test_openmp_wait_policy_defaults(first, preset, expected):
     assert tuple(json.loads(out.strip().splitlines()[-1])) == expected
 
 
-def _conv3x3_run(x, dy, out_channels, initial_grad=0.0):
+def _conv3x3_run(x, dy, out_channels, initial_grad=0.0, stride=1):
     """(layer, [y, dx, weight grad, bias grad]) of a fresh 3x3 padding-1 Conv2D
     (same initial weights every time) whose weight gradient starts at
     `initial_grad`, so that backward must accumulate onto it."""
-    layer = Conv2D(x.shape[1], out_channels, 3, padding=1, rng=np.random.default_rng(0))
+    layer = Conv2D(x.shape[1], out_channels, 3, stride=stride, padding=1,
+                   rng=np.random.default_rng(0))
     layer.weight.grad[...] = initial_grad
     y = layer.forward(x)
     dx = layer.backward(dy)
@@ -639,14 +640,15 @@ def _conv3x3_run(x, dy, out_channels, initial_grad=0.0):
 def _check_same_bits_and_reference(runs, x, dy, initial_grad=0.0):
     """Every run of `_conv3x3_run` gave the same bits, and the first matches
     the float64 reference."""
+    stride = runs[0][0].stride
     for _, run in runs[1:]:
         for got, first in zip(run, runs[0][1]):
             assert np.array_equal(got, first)
     y, dx, dw, db = runs[0][1]
     w64 = runs[0][0].weight.data.astype(np.float64)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    close32(y, conv2d_forward_reference(x64, w64, np.zeros(w64.shape[0]), (1, 1), (1, 1)))
-    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), (1, 1))
+    close32(y, conv2d_forward_reference(x64, w64, np.zeros(w64.shape[0]), stride, (1, 1)))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, stride, (1, 1))
     close32(dx, dx_ref)
     close32(dw, dw_ref + initial_grad)
     close32(db, db_ref)
@@ -670,13 +672,16 @@ def test_conv2d_same_bits_run_to_run(threads):
         cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-@pytest.mark.parametrize("algorithm", ["winograd", "shifted", "im2col"])
+@pytest.mark.parametrize("algorithm, stride", [("winograd", 1), ("shifted", 1), ("im2col", 1),
+                                               ("shifted", 2), ("im2col", 2)])
 @FAST
 @given(shape=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
        out_channels=st.integers(1, 5), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        bias=st.booleans(), seed=seeds)
-def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padding, bias, seed):
-    """The stride-1 3x3 layers, run by each of the three algorithms."""
+def test_conv3x3_algorithms_match_reference(algorithm, stride, shape, out_channels, padding, bias,
+                                            seed):
+    """The 3x3 layers, run by each algorithm that takes their stride (the
+    shifted views at stride 2 read the padded sample's 4 phases)."""
     import cnn.layers.conv as conv_module
     import cnn.layers.winograd as winograd_module
 
@@ -684,7 +689,7 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
     if height + 2 * padding[0] < 3 or width + 2 * padding[1] < 3:
         return
     rng = np.random.default_rng(seed)
-    layer = Conv2D(c, out_channels, 3, 1, padding, bias=bias, rng=rng)
+    layer = Conv2D(c, out_channels, 3, stride, padding, bias=bias, rng=rng)
     thresholds = {"WINOGRAD_MIN_CHANNELS": 0 if algorithm == "winograd" else 10**9}
     for name in ("SHIFTED_MIN_SPAN", "SHIFTED_SPAN_PER_CHANNEL", "SHIFTED_MIN_CHANNELS"):
         thresholds[name] = 0 if algorithm == "shifted" else 10**9
@@ -703,8 +708,8 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
     w64 = layer.weight.data.astype(np.float64)
     b64 = layer.bias.data.astype(np.float64) if bias else None
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    close32(y, conv2d_forward_reference(x64, w64, b64, (1, 1), padding))
-    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (1, 1), padding)
+    close32(y, conv2d_forward_reference(x64, w64, b64, (stride, stride), padding))
+    dx_ref, dw_ref, db_ref = conv2d_backward_reference(dy64, x64, w64, (stride, stride), padding)
     close32(dx, dx_ref)
     close32(layer.weight.grad, dw_ref + 0.25)
     if bias:
@@ -712,14 +717,16 @@ def test_conv3x3_algorithms_match_reference(algorithm, shape, out_channels, padd
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_conv3x3_shifted_same_bits_run_to_run(threads):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3x3_shifted_same_bits_run_to_run(threads, stride):
     """The shifted-view layers' weight gradient is summed per chunk, chunks in order."""
     cnn.set_num_threads(threads)
     try:
         rng = np.random.default_rng(6)
-        x = rng.standard_normal((37, 8, 7, 9)).astype(np.float32)
-        dy = rng.standard_normal((37, 12, 7, 9)).astype(np.float32)
-        runs = [_conv3x3_run(x, dy, 12) for _ in range(4)]
+        height, width = (7, 9) if stride == 1 else (17, 20)  # stride 2: 9 x 10 out
+        x = rng.standard_normal((37, 8, height, width)).astype(np.float32)
+        dy = rng.standard_normal((37, 12, 7, 9) if stride == 1 else (37, 12, 9, 10)).astype(np.float32)
+        runs = [_conv3x3_run(x, dy, 12, stride=stride) for _ in range(4)]
         assert all(layer._shifted(x.shape) for layer, _ in runs)
         _check_same_bits_and_reference(runs, x, dy)
         layer = runs[-1][0]

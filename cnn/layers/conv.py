@@ -21,12 +21,13 @@ summed per chunk and the chunks added in chunk order afterwards, so the result
 is the same bits run to run for a given thread count (the chunking, hence the
 rounding, depends on the thread count).
 
-3x3 stride-1 layers take one of two faster paths (`Conv2D.forward` picks):
+3x3 layers take one of two faster paths (`Conv2D.forward` picks): at stride 1
 with 64 or more channels in and out, Winograd's F(2x2, 3x3), 2.25x fewer
-multiplications (cnn/layers/winograd.py, `Conv2D._winograd`); with fewer
-channels but large enough output planes, 9 SGEMMs per sample on shifted views
-of the zero-padded sample, no im2col (`conv3x3_shifted_kernel`,
-`conv3x3_shifted_weight_grad_kernel`, `Conv2D._shifted`).
+multiplications (cnn/layers/winograd.py, `Conv2D._winograd`); at stride 1 or
+2 with fewer channels but large enough output planes, 9 SGEMMs per sample on
+shifted views of the zero-padded sample (at stride 2, of its 4 phases), no
+im2col (`conv3x3_shifted_kernel`, `conv3x3_shifted_weight_grad_kernel`,
+`conv3x3_shifted_input_grad_kernel`, `Conv2D._shifted`).
 """
 
 import numba
@@ -337,21 +338,19 @@ def add_partials(total, partials):
 
 
 # ---------------------------------------------------------------------------
-# 3x3 stride-1 convolution as SGEMMs on shifted views of the padded input
+# 3x3 convolution, stride 1 or 2, as SGEMMs on shifted views of the padded input
 # ---------------------------------------------------------------------------
 #
-# Zero-pad one sample and keep output pixel (h, w) at h*W_pad + w ("padded
-# width"). Then tap (i, j) of every input channel is one matrix view of the
-# padded sample, X_ij[c, q] = padded[c*plane + i*W_pad + j + q] (C rows of
-# span = H_out*W_pad, row stride plane), and
+# Stride 1. Zero-pad one sample and keep output pixel (h, w) at h*W_pad + w
+# ("padded width"). Then tap (i, j) of every input channel is one matrix view
+# of the padded sample, X_ij[c, q] = padded[c*plane + i*W_pad + j + q] (C rows
+# of span = H_out*W_pad, row stride plane), and
 #
 #     forward       Y_w (O, span) = sum over taps of W_ij (O, C) @ X_ij
 #     weight grad   dW_ij (O, C) += dY_w (O, span) @ X_ij.T
 #     input grad    the forward on dy padded by 2 - p, with the kernel
 #                   flipped and its channel axes swapped
 #
-# are 9 SGEMMs per sample with no im2col: the 9x larger cols matrix is never
-# written, OpenBLAS reads the shifted views directly. The W_pad - W_out
 # columns that wrap around a row are dropped on the way to y (and are zero in
 # dY_w). Measured 1.5-3x faster than im2col on resnet20's stride-1 layers.
 # The 9 SGEMMs run block by block over the columns (`shifted_block`), so
@@ -359,26 +358,78 @@ def add_partials(total, partials):
 # (Stacking the three row shifts into 3 SGEMMs of depth 3C instead was tried:
 # 1.05-1.13x slower than the blocked 9 on resnet20's 16-channel layer, 1.3x on
 # its 32-channel one.)
+#
+# Stride 2 ("polyphase"). Split the padded sample into its 4 phases, phase
+# (p, q) holding the padded pixels (p + 2a, q + 2b) at a*W_2 + b, W_2 =
+# ceil(W_pad / 2). Output pixel (h, w) reads padded pixel (2h + i, 2w + j),
+# which is phase (i % 2, j % 2) at (h + i // 2, w + j // 2): tap (i, j) is a
+# shifted view of one phase, and the products above hold as they are, with
+# W_2 for W_pad (`phase_copy`, `tap_view`). The input gradient is the
+# transposed product, dX_ij (C, span) = W_ij.T @ dY_w, added into the phases
+# at the tap's shift (`conv3x3_shifted_input_grad_kernel`). No im2col and no
+# multiplications by padding. On resnet20's two stride-2 3x3 layers, batch 64,
+# forward + backward against im2col: 1 thread 6.6-7.0 -> 4.6-5.4 ms (16 -> 32
+# channels) and 4.4-4.6 -> 4.4-4.6 ms (32 -> 64); 2 threads 3.6-4.1 -> 2.6 ms
+# and 2.7-3.0 -> 2.4 ms. Whole resnet20 step, in-process A/B: 0.97-0.98x the
+# time, at 1 and 2 threads, in both of the VM's states (bench/coreprobe.py).
 
 
 @njit(**SERIAL_OPTIONS)
-def pad_sample(x, ph, pw, padded):
-    """padded[c*plane + (h + ph)*W_pad + (w + pw)] = x[c, h, w], zeros elsewhere.
+def shifted_geometry(height, width, ph, pw, stride):
+    """(W_s, plane): the width of one phase of the padded sample and the length
+    of its plane, H_s*W_s + 2 (the 2 trailing zeros are read, for dropped
+    columns, by the last row's taps); H_s, W_s = ceil((H, W + 2p) / stride)."""
+    width_s = (width + 2 * pw + stride - 1) // stride
+    return width_s, (height + 2 * ph + stride - 1) // stride * width_s + 2
 
-    x : (C, H, W); padded : (C*plane,) with plane = H_pad*W_pad + 2, the 2
-    trailing zeros being read (for dropped columns) by the last row's taps.
+
+@njit(**SERIAL_OPTIONS)
+def phase_copy(x, ph, pw, stride, padded, to_padded):
+    """Between a sample x (C, H, W) and its zero-padded phases (`padded`,
+    stride*stride*C planes, see `shifted_geometry`), stride 1 or 2: with
+    to_padded, write the phases (zeros where x has no pixel); else read x back
+    from them.
+
+    Padded pixel (hp, wp) = x[c, hp - ph, wp - pw] lives in phase (hp % s,
+    wp % s), channel c, at (hp // s)*W_s + wp // s; its plane is row
+    ((hp % s)*s + wp % s)*C + c of padded (s*s*C, plane). For s in (1, 2),
+    v % s = v & (s - 1) and v // s = v >> (s - 1).
     """
     channels, height, width = x.shape
-    width_pad = width + 2 * pw
-    plane = padded.size // channels
-    for k in range(uint64(padded.size)):
-        padded[k] = 0.0
+    width_s, plane = shifted_geometry(height, width, ph, pw, stride)
+    if to_padded:
+        for k in range(uint64(padded.size)):
+            padded[k] = 0.0
+    odd = uint64(channels * plane)  # phase (p, 1) from phase (p, 0)
+    left = uint64(pw)
     for c in range(channels):
         for h in range(height):
-            at = uint64(c * plane + (h + ph) * width_pad + pw)
-            src = x[c, h]
-            for w in range(uint64(width)):
-                padded[at + w] = src[w]
+            hp = h + ph
+            at = uint64(((hp & (stride - 1)) * stride * channels + c) * plane
+                        + (hp >> (stride - 1)) * width_s)
+            row = x[c, h]
+            if stride == 1 and to_padded:  # contiguous both sides: vectorized
+                for w in range(uint64(width)):
+                    padded[at + left + w] = row[w]
+            elif stride == 1:
+                for w in range(uint64(width)):
+                    row[w] = padded[at + left + w]
+            elif to_padded:
+                for w in range(uint64(width)):
+                    wp = w + left
+                    padded[at + (wp & 1) * odd + (wp >> 1)] = row[w]
+            else:
+                for w in range(uint64(width)):
+                    wp = w + left
+                    row[w] = padded[at + (wp & 1) * odd + (wp >> 1)]
+
+
+@njit(**SERIAL_OPTIONS)
+def tap_view(rows, channels, width_s, stride, i, j, lo, hi):
+    """Columns lo:hi of tap (i, j)'s view of the phases (rows: (s*s*C, plane))."""
+    first = ((i % stride) * stride + j % stride) * channels
+    start = (i // stride) * width_s + j // stride + lo
+    return rows[first : first + channels, start : start + hi - lo]
 
 
 @njit(**SERIAL_OPTIONS)
@@ -394,39 +445,38 @@ def from_padded_width(acc, bias, dst):
 
 
 @njit(**NUMBA_OPTIONS)
-def conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, block, padded_scratch, acc_scratch, y):
-    """y = conv(x) + bias, 3x3 kernel, stride 1, sample by sample.
+def conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, stride, block, padded_scratch,
+                           acc_scratch, y):
+    """y = conv(x) + bias, 3x3 kernel, stride 1 or 2, sample by sample.
 
     x : (N, C, H, W); tap_weights : (9, O, C), tap i*3 + j = weight[:, :, i, j];
-    bias : (O,); y : (N, O, H_out, W_out), written, H_out = H + 2*ph - 2.
-    padded_scratch : (workers, >= C*((H + 2ph)*(W + 2pw) + 2)), acc_scratch :
-    (workers, >= O*H_out*(W + 2pw)). The output columns go in blocks of
-    `block`, all 9 taps per block (see `shifted_block`). Workers take samples
-    from a shared counter, as in `conv2d_forward_kernel`.
+    bias : (O,); y : (N, O, H_out, W_out), written. padded_scratch : (workers,
+    >= s*s*C*plane), acc_scratch : (workers, >= O*H_out*W_s), see
+    `shifted_geometry`. The output columns go in blocks of `block`, all 9 taps
+    per block (see `shifted_block`). Workers take samples from a shared
+    counter, as in `conv2d_forward_kernel`.
     """
     n, channels, height, width = x.shape
-    channels_out = tap_weights.shape[1]
-    h_out = y.shape[2]
-    width_pad = width + 2 * pw
-    plane = (height + 2 * ph) * width_pad + 2
-    span = h_out * width_pad
+    channels_out, h_out = tap_weights.shape[1], y.shape[2]
+    width_s, plane = shifted_geometry(height, width, ph, pw, stride)
+    span = h_out * width_s
+    phases = stride * stride * channels
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(padded_scratch.shape[0]):
-        rows = padded_scratch[worker][: channels * plane].reshape((channels, plane))
+        rows = padded_scratch[worker][: phases * plane].reshape((phases, plane))
         acc = acc_scratch[worker][: channels_out * span].reshape((channels_out, span))
         while True:
             sample = take_chunk(counter)
             if sample >= n:
                 break
-            pad_sample(x[sample], ph, pw, rows.reshape(-1))
+            phase_copy(x[sample], ph, pw, stride, rows.reshape(-1), True)
             for lo in range(0, span, block):  # the 9 taps on one L1-sized block of columns
                 hi = min(span, lo + block)
                 for i in range(3):
                     for j in range(3):
-                        start = i * width_pad + j + lo
                         sgemm(False, False, 1.0, tap_weights[i * 3 + j],
-                              rows[:, start : start + hi - lo], 0.0 if i + j == 0 else 1.0,
-                              acc[:, lo:hi])
+                              tap_view(rows, channels, width_s, stride, i, j, lo, hi),
+                              0.0 if i + j == 0 else 1.0, acc[:, lo:hi])
             for o in range(channels_out):
                 from_padded_width(acc[o], bias[o], y[sample, o])
 
@@ -451,26 +501,27 @@ def to_padded_width(plane, dst):
 
 
 @njit(**NUMBA_OPTIONS)
-def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, chunk, block, padded_scratch, dy_scratch,
-                                      dweight_partial, dbias_partial):
+def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, stride, chunk, block, padded_scratch,
+                                      dy_scratch, dweight_partial, dbias_partial):
     """Weight and bias gradients of `conv3x3_shifted_kernel`, chunk by chunk.
 
     Per sample and tap dW_ij (O, C) += dY_w (O, span) @ X_ij.T, dY_w being dy
     in the padded-width layout with zeros in the dropped columns, X_ij the
-    shifted view of the padded sample, in blocks of `block` columns (all 9
-    taps per block, see `shifted_block`). Chunk c of `chunk` samples writes
-    dweight_partial[c] (9, O, C) and dbias_partial[c] (O,), summed in chunk order
-    by the caller: the same bits whichever thread did which chunk.
+    tap's shifted view of the padded sample's phases, in blocks of `block`
+    columns (all 9 taps per block, see `shifted_block`). Chunk c of `chunk`
+    samples writes dweight_partial[c] (9, O, C) and dbias_partial[c] (O,),
+    summed in chunk order by the caller: the same bits whichever thread did
+    which chunk.
     """
     n, channels, height, width = x.shape
     channels_out, h_out = dy.shape[1], dy.shape[2]
-    width_pad = width + 2 * pw
-    plane = (height + 2 * ph) * width_pad + 2
-    span = h_out * width_pad
+    width_s, plane = shifted_geometry(height, width, ph, pw, stride)
+    span = h_out * width_s
+    phases = stride * stride * channels
     n_chunks = (n + chunk - 1) // chunk
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(padded_scratch.shape[0]):
-        padded = padded_scratch[worker][: channels * plane]
+        rows = padded_scratch[worker][: phases * plane].reshape((phases, plane))
         flat = dy_scratch[worker][: channels_out * span]
         flat[:] = 0.0  # the dropped columns stay zero
         dy_w = flat.reshape((channels_out, span))
@@ -482,17 +533,55 @@ def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, chunk, block, padded_scrat
             partial[:] = 0.0
             dbias_partial[c][:] = 0.0
             for sample in range(c * chunk, min(n, (c + 1) * chunk)):
-                pad_sample(x[sample], ph, pw, padded)
+                phase_copy(x[sample], ph, pw, stride, rows.reshape(-1), True)
                 for o in range(channels_out):
                     dbias_partial[c][o] += to_padded_width(dy[sample, o], dy_w[o])
-                rows = padded.reshape((channels, plane))
                 for lo in range(0, span, block):  # the 9 taps on one L1-sized block of columns
                     hi = min(span, lo + block)
                     for i in range(3):
                         for j in range(3):
-                            start = i * width_pad + j + lo
-                            sgemm(False, True, 1.0, dy_w[:, lo:hi], rows[:, start : start + hi - lo],
+                            sgemm(False, True, 1.0, dy_w[:, lo:hi],
+                                  tap_view(rows, channels, width_s, stride, i, j, lo, hi),
                                   1.0, partial[i * 3 + j])
+
+
+@njit(**NUMBA_OPTIONS)
+def conv3x3_shifted_input_grad_kernel(dy, tap_weights_t, ph, pw, stride, block, acc_scratch,
+                                     dy_scratch, dx):
+    """dx of `conv3x3_shifted_kernel`, the transposed products, sample by sample.
+
+    Per sample and tap, dX_ij (C, span) = W_ij.T @ dY_w (O, span) is added into
+    the tap's shifted view of the zeroed phases (`tap_view`), block by block
+    of `block` columns; `phase_copy` then reads dx out of the phases, dropping
+    the padding. tap_weights_t : (9, C, O), tap i*3 + j = weight[:, :, i, j].T;
+    dx : (N, C, H, W), written. acc_scratch : (workers, >= s*s*C*plane),
+    dy_scratch : (workers, >= O*H_out*W_s).
+    """
+    n, channels, height, width = dx.shape
+    channels_out, h_out = dy.shape[1], dy.shape[2]
+    width_s, plane = shifted_geometry(height, width, ph, pw, stride)
+    span = h_out * width_s
+    phases = stride * stride * channels
+    counter = np.zeros(1, dtype=np.int64)
+    for worker in prange(acc_scratch.shape[0]):
+        acc = acc_scratch[worker][: phases * plane].reshape((phases, plane))
+        flat = dy_scratch[worker][: channels_out * span]
+        flat[:] = 0.0  # the dropped columns stay zero
+        dy_w = flat.reshape((channels_out, span))
+        while True:
+            sample = take_chunk(counter)
+            if sample >= n:
+                break
+            for o in range(channels_out):
+                to_padded_width(dy[sample, o], dy_w[o])
+            acc[:] = 0.0
+            for lo in range(0, span, block):
+                hi = min(span, lo + block)
+                for i in range(3):
+                    for j in range(3):
+                        sgemm(False, False, 1.0, tap_weights_t[i * 3 + j], dy_w[:, lo:hi], 1.0,
+                              tap_view(acc, channels, width_s, stride, i, j, lo, hi))
+            phase_copy(dx[sample], ph, pw, stride, acc.reshape(-1), False)
 
 
 # ---------------------------------------------------------------------------
@@ -516,15 +605,17 @@ CHUNK_WEIGHT_RATIO = 4
 CHUNKS_PER_THREAD = 1
 
 
-#: 3x3 stride-1 layers run `conv3x3_shifted_kernel` (no im2col) when the
-#: output plane in the padded-width layout, span = H_out*(W + 2p) pixels (the
-#: SGEMMs' columns), is at least SHIFTED_MIN_SPAN and at least
+#: 3x3 layers of stride 1 or 2 run `conv3x3_shifted_kernel` (no im2col) when
+#: the output plane in the padded-width layout, span = H_out*W_s pixels (the
+#: SGEMMs' columns, `shifted_geometry`), is at least SHIFTED_MIN_SPAN and at least
 #: SHIFTED_SPAN_PER_CHANNEL * in_channels (each sample re-reads the whole
 #: weight, so the columns must outnumber its depth), with at least
 #: SHIFTED_MIN_CHANNELS input channels. Measured at batch 64, 1 thread: 1.2-4x
 #: faster than im2col on resnet20's 16-64 channel layers and VGG's 64 and 128
 #: channel layers; 10 % slower at 256 channels on 8x8 (span 80), 3x slower at
-#: 512 channels on 4x4.
+#: 512 channels on 4x4. At stride 2 (batch 16, forward + backward): as fast as
+#: im2col on ResNet-50's 128-channel 56x56 layer (span 812), 0.93x its time
+#: at 64 channels.
 SHIFTED_MIN_SPAN = 64
 SHIFTED_SPAN_PER_CHANNEL = 1
 SHIFTED_MIN_CHANNELS = 8
@@ -660,7 +751,7 @@ class Conv2D(Layer):
             return y
         if self._shifted(x.shape):
             tap_weights = self.weight.data.transpose(2, 3, 0, 1).reshape(9, o, self.in_channels)
-            self._shifted_conv(x, np.ascontiguousarray(tap_weights), bias, ph, pw, y)
+            self._shifted_conv(x, np.ascontiguousarray(tap_weights), bias, ph, pw, sh, y)
             return y
         weight = self.weight.data.reshape(o, taps)
         workers, chunk = _chunking(n, taps * plane, o * taps)
@@ -734,17 +825,18 @@ class Conv2D(Layer):
         x = self._x
         n, c, height, width = x.shape
         o, h_out = self.out_channels, dy.shape[2]
-        ph, pw = self.padding
-        width_pad = width + 2 * pw
+        (ph, pw), stride = self.padding, self.stride[0]
+        width_s, plane = shifted_geometry(height, width, ph, pw, stride)
+        block = shifted_block(c, o)
         workers, chunk = _chunking(n, 1)
         n_chunks = -(-n // chunk)
-        padded = scratch("conv.padded", (workers, c * ((height + 2 * ph) * width_pad + 2)))
-        dy_w = scratch("conv.accumulator", (workers, o * h_out * width_pad))
+        padded = scratch("conv.padded", (workers, stride * stride * c * plane))
+        dy_w = scratch("conv.accumulator", (workers, o * h_out * width_s))
         dweight_partial = scratch("conv.dweight", (n_chunks, 9, o, c))
         dbias_partial = scratch("conv.dbias", (n_chunks, o))
         with single_threaded_blas():
-            conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, chunk, shifted_block(c, o), padded,
-                                               dy_w, dweight_partial, dbias_partial)
+            conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, stride, chunk, block, padded, dy_w,
+                                               dweight_partial, dbias_partial)
         # in chunk order: the same bits run to run
         dweight = np.zeros((9, o, c), dtype=np.float32)
         add_partials(dweight, dweight_partial)
@@ -753,12 +845,22 @@ class Conv2D(Layer):
             add_partials(self.bias.grad, dbias_partial)
         if self.skip_input_grad:
             return None
+        dx = np.empty(x.shape, dtype=np.float32)
+        if stride == 2:
+            # the transposed products, into the phases: tap (i, j) is weight[:, :, i, j].T
+            tap_weights_t = self.weight.data.transpose(2, 3, 1, 0).reshape(9, c, o)
+            workers = min(numba.get_num_threads(), n)
+            with single_threaded_blas():
+                conv3x3_shifted_input_grad_kernel(
+                    dy, np.ascontiguousarray(tap_weights_t), ph, pw, stride, block,
+                    scratch("conv.padded", (workers, 4 * c * plane)),
+                    scratch("conv.accumulator", (workers, o * h_out * width_s)), dx)
+            return dx
         # dx = dy (padded by 2 - p) correlated with the flipped kernel, channels swapped:
         # tap (i, j) of that kernel is weight[:, :, 2 - i, 2 - j].T, shape (C, O)
         flipped = self.weight.data[:, :, ::-1, ::-1].transpose(2, 3, 1, 0).reshape(9, c, o)
-        dx = np.empty(x.shape, dtype=np.float32)
         self._shifted_conv(dy, np.ascontiguousarray(flipped), np.zeros(c, dtype=np.float32),
-                           2 - ph, 2 - pw, dx)
+                           2 - ph, 2 - pw, 1, dx)
         return dx
 
     def _winograd(self):
@@ -769,21 +871,22 @@ class Conv2D(Layer):
     def _shifted(self, x_shape):
         """Whether input x_shape runs `conv3x3_shifted_kernel` instead of im2col."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if (kh, kw) != (3, 3) or (sh, sw) != (1, 1) or max(ph, pw) > 2:
+        if (kh, kw) != (3, 3) or sh != sw or sh > 2 or max(ph, pw) > 2:
             return False
         height, width = x_shape[2:]
-        span = (height + 2 * ph - 2) * (width + 2 * pw)
+        width_s = shifted_geometry(height, width, ph, pw, sh)[0]
+        span = output_size(height, 3, sh, ph) * width_s
         return (span >= max(SHIFTED_MIN_SPAN, SHIFTED_SPAN_PER_CHANNEL * self.in_channels)
                 and self.in_channels >= SHIFTED_MIN_CHANNELS)
 
     @staticmethod
-    def _shifted_conv(x, tap_weights, bias, ph, pw, y):
-        """y (N, O, H_out, W_out) = 3x3 stride-1 conv of x with tap_weights (9, O, C)."""
+    def _shifted_conv(x, tap_weights, bias, ph, pw, stride, y):
+        """y (N, O, H_out, W_out) = 3x3 conv of x with tap_weights (9, O, C), stride 1 or 2."""
         n, c, height, width = x.shape
-        width_pad = width + 2 * pw
+        width_s, plane = shifted_geometry(height, width, ph, pw, stride)
         workers = min(numba.get_num_threads(), n)
-        padded = scratch("conv.padded", (workers, c * ((height + 2 * ph) * width_pad + 2)))
-        acc = scratch("conv.accumulator", (workers, tap_weights.shape[1] * y.shape[2] * width_pad))
+        padded = scratch("conv.padded", (workers, stride * stride * c * plane))
+        acc = scratch("conv.accumulator", (workers, tap_weights.shape[1] * y.shape[2] * width_s))
         with single_threaded_blas():
-            conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, shifted_block(c, tap_weights.shape[1]),
-                                   padded, acc, y)
+            conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, stride,
+                                   shifted_block(c, tap_weights.shape[1]), padded, acc, y)
