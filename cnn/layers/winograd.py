@@ -65,8 +65,13 @@ CHUNK_ELEMENTS = 1 << 21
 #: 32x32, 1 thread 31.1 -> 26.7-27.2, 2 threads 15.8-22.2 -> 13.5-14.0 (the
 #: phases scaled 1.4-2.0x from 1 to 2 threads, the pipeline 1.96x); 128 on
 #: 16x16 and 256 on 8x8 within noise either way, 512 on 4x4 1.2-2.5x slower
-#: (too few tiles a sample for the SGEMMs of one chunk).
-PIPELINE_MIN_OUTPUTS = 1024
+#: (too few tiles a sample for the SGEMMs of one chunk). In the whole training
+#: step, in-process A/B against 1024, rounds classed by bench/coreprobe.py:
+#: 64 (8x8 and up) took resnet20 (64 channels on 8x8) 0.97x the time at 1
+#: thread, 0.98x at 2 in both of the VM's states; vgg16-cifar 1.00x at 1
+#: thread, 0.99x (fast state) and 0.95x (slow state) at 2. Going down to 4
+#: (VGG's 4x4 and 2x2 too) cost vgg16-cifar 1.01-1.03x against 64.
+PIPELINE_MIN_OUTPUTS = 64
 PIPELINE_ELEMENTS = 1 << 19
 
 
