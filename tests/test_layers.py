@@ -695,9 +695,9 @@ def test_conv3x3_algorithms_match_reference(algorithm, stride, shape, out_channe
         thresholds[name] = 0 if algorithm == "shifted" else 10**9
     # the smallest column blocks (16): several per plane, the last one partial
     thresholds["SHIFTED_BLOCK_ELEMENTS"] = 0 if seed % 2 else conv_module.SHIFTED_BLOCK_ELEMENTS
-    # Winograd's forward and dx pipelined per chunk for half the examples
-    pipeline_min = 0 if seed % 2 else winograd_module.PIPELINE_MIN_OUTPUTS
-    with patched(conv_module, **thresholds), patched(winograd_module, PIPELINE_MIN_OUTPUTS=pipeline_min):
+    # Winograd pipelined per chunk (forward, dx and the weight gradient) for half the examples
+    pipeline = {"PIPELINE_MIN_OUTPUTS": 0, "PIPELINE_PARTIALS": 10**9} if seed % 2 else {}
+    with patched(conv_module, **thresholds), patched(winograd_module, **pipeline):
         assert layer._winograd() == (algorithm == "winograd")
         assert layer._shifted(shape) == (algorithm == "shifted")
         x = rng.standard_normal(shape).astype(np.float32)
@@ -791,7 +791,7 @@ def test_winograd_references_match_direct_convolution(shape, out_channels, paddi
 def test_winograd_same_bits_for_any_thread_count(chunk_elements, pipelined):
     """Chunks depend on the layer shape only and every output element is one
     thread's work: 1 and 2 threads give the same bits, run after run, also with
-    many chunks, bands of tile rows, the pipelined forward and odd
+    many chunks, bands of tile rows, the pipelined kernels and odd
     (partial-tile) sizes."""
     import cnn.layers.winograd as winograd_module
 
@@ -802,7 +802,9 @@ def test_winograd_same_bits_for_any_thread_count(chunk_elements, pipelined):
     try:
         with patched(winograd_module, CHUNK_ELEMENTS=chunk_elements,
                      PIPELINE_MIN_OUTPUTS=0 if pipelined else 10**9,
-                     PIPELINE_ELEMENTS=16 * 128 * 12 * 2):
+                     PIPELINE_ELEMENTS=16 * 128 * 12 * 2, PIPELINE_PARTIALS=10**9):
+            # pipelined: 5 chunks of 2 samples, 5 weight-gradient partials
+            assert winograd_module._pipeline_chunk(9, 64, 64, 7, 5) == (2 if pipelined else 0)
             assert len(winograd_module._chunks(9, 4, 3, 128)) == (
                 5 if chunk_elements > 16 * 128 * 12 else 18)
             for threads in (1, 2, 1, 2):

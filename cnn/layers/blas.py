@@ -161,3 +161,35 @@ def matmul(a, b, out=None, accumulate=False):
         _split_sgemm(trans_a, trans_b, a_rows, b_rows, 1.0 if accumulate else 0.0, out,
                      by_rows, block)
     return out
+
+
+def _add_partials(total, partials):
+    """total += partials[0] + partials[1] + ..., in that order for every element."""
+    flat_total = total.reshape(-1)
+    size = flat_total.size
+    block = 4096
+    for start in prange((size + block - 1) // block):
+        lo = start * block
+        hi = min(size, lo + block)
+        for g in range(partials.shape[0]):
+            part = partials[g].reshape(-1)
+            for k in range(lo, hi):
+                flat_total[k] += part[k]
+
+
+_add_partials_parallel = njit(**NUMBA_OPTIONS)(_add_partials)
+_add_partials_serial = njit(**SERIAL_OPTIONS)(_add_partials)  # prange runs as range
+
+#: Below this many partial elements `add_partials` stays on the calling thread:
+#: a parallel region's start and end cost more than the sums (resnet20's
+#: weight gradients, up to 9*64*64 per partial; ~16 regions per step).
+SERIAL_PARTIALS = 1 << 17
+
+
+def add_partials(total, partials):
+    """total += partials[0] + partials[1] + ..., in that order for every element
+    (the same bits whichever way it runs)."""
+    if partials.size <= SERIAL_PARTIALS:
+        _add_partials_serial(total, partials)
+    else:
+        _add_partials_parallel(total, partials)

@@ -36,7 +36,7 @@ from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, Layer, Parameter, output_size, pair, scratch
-from .blas import REDUCTION_OPTIONS, SERIAL_OPTIONS, sgemm, single_threaded_blas, take_chunk
+from .blas import REDUCTION_OPTIONS, SERIAL_OPTIONS, add_partials, sgemm, single_threaded_blas, take_chunk
 from .winograd import winograd_conv, winograd_weight_grad
 
 # ---------------------------------------------------------------------------
@@ -303,38 +303,6 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
             if dx.shape[0] > 0:
                 sgemm(True, False, 1.0, weight, dy2, 0.0, cols)  # cols now holds dcols
                 col2im(cols, kh, kw, sh, sw, ph, pw, h_out, w_out, dx[lo:hi])
-
-
-def _add_partials(total, partials):
-    """total += partials[0] + partials[1] + ..., in that order for every element."""
-    flat_total = total.reshape(-1)
-    size = flat_total.size
-    block = 4096
-    for start in prange((size + block - 1) // block):
-        lo = start * block
-        hi = min(size, lo + block)
-        for g in range(partials.shape[0]):
-            part = partials[g].reshape(-1)
-            for k in range(lo, hi):
-                flat_total[k] += part[k]
-
-
-_add_partials_parallel = njit(**NUMBA_OPTIONS)(_add_partials)
-_add_partials_serial = njit(**SERIAL_OPTIONS)(_add_partials)  # prange runs as range
-
-#: Below this many partial elements `add_partials` stays on the calling thread:
-#: a parallel region's start and end cost more than the sums (resnet20's
-#: weight gradients, up to 9*64*64 per partial; ~16 regions per step).
-SERIAL_PARTIALS = 1 << 17
-
-
-def add_partials(total, partials):
-    """total += partials[0] + partials[1] + ..., in that order for every element
-    (the same bits whichever way it runs)."""
-    if partials.size <= SERIAL_PARTIALS:
-        _add_partials_serial(total, partials)
-    else:
-        _add_partials_parallel(total, partials)
 
 
 # ---------------------------------------------------------------------------

@@ -33,12 +33,13 @@ transform (split over channels), 16 SGEMMs (split over k, and over rows of
 the result when there are more than 16 threads), inverse transform. Every
 output element is computed by one thread in a fixed order, so the results are
 the same bits for any number of threads, and the weight gradient needs no
-per-thread partial sums. Forward layers with large planes (at least
-PIPELINE_MIN_OUTPUTS outputs a channel) instead give each thread whole
-chunks of a few samples and run all three phases of a chunk on it
-(`winograd_pipelined`): V and M then stay in that thread's cache. The choice
-depends on the layer shape only, so the bits still do not depend on the
-thread count.
+per-thread partial sums. Layers with planes of at least PIPELINE_MIN_OUTPUTS outputs a
+channel instead give each thread whole chunks of a few samples and run all
+three phases of a chunk on it (`winograd_pipelined` for the forward and dx,
+`winograd_weight_grad_pipelined` for the weight gradient, whose chunks then
+write partial sums, added in chunk order): V and M stay in that thread's
+cache. The choice depends on the layer shape only, so the bits still do not
+depend on the thread count.
 """
 
 import numba
@@ -47,7 +48,7 @@ from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, scratch
-from .blas import SERIAL_OPTIONS, sgemm, single_threaded_blas, take_chunk
+from .blas import SERIAL_OPTIONS, add_partials, sgemm, single_threaded_blas, take_chunk
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float32)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float32)
@@ -73,6 +74,17 @@ CHUNK_ELEMENTS = 1 << 21
 #: (VGG's 4x4 and 2x2 too) cost vgg16-cifar 1.01-1.03x against 64.
 PIPELINE_MIN_OUTPUTS = 64
 PIPELINE_ELEMENTS = 1 << 19
+
+#: The weight gradient is pipelined too (`winograd_weight_grad_pipelined`)
+#: where its per-chunk partial sums, 16*O*C values a chunk, come to at most
+#: PIPELINE_PARTIALS per input tile value (C values a tile, per sample):
+#: resnet20's 64-channel layers on 8x8 (4 chunks, 0.25), VGG's 64-channel
+#: layer on 32x32 (64 chunks, 0.25); not VGG's 128- and 256-channel ones
+#: (1-4), whose partials would outweigh the inputs. Whole training step,
+#: in-process A/B against no pipelined weight gradient: resnet20 0.99x the
+#: time at 1 thread, at 2 threads 1.00x in the VM's fast state and 0.96x in
+#: its slow one; vgg16-cifar 1.00x, 1.00x and 0.98x.
+PIPELINE_PARTIALS = 0.5
 
 
 def tiles(h_out, w_out):
@@ -395,6 +407,8 @@ def batched_sgemm(trans_b, a, b, beta, c, row_blocks):
 
 _input_transform_serial = njit(**SERIAL_OPTIONS)(input_transform.py_func)  # prange as range
 _output_transform_serial = njit(**SERIAL_OPTIONS)(output_transform.py_func)
+_output_grad_transform_serial = njit(**{**SERIAL_OPTIONS, "fastmath": {"reassoc"}})(
+    output_grad_transform.py_func)
 
 
 @njit(**NUMBA_OPTIONS)
@@ -425,6 +439,38 @@ def winograd_pipelined(x, u, bias, ph, pw, th, tw, chunk, v_scratch, m_scratch, 
                 sgemm(False, False, 1.0, u[k], v_flat[k, : channels * t].reshape((channels, t)), 0.0,
                       m_flat[k, : channels_out * t].reshape((channels_out, t)))
             _output_transform_serial(m_flat, bias, 0, th, tw, y[lo:hi])
+
+
+@njit(**NUMBA_OPTIONS)
+def winograd_weight_grad_pipelined(x, dy, ph, pw, th, tw, chunk, v_scratch, m_scratch, du_partial,
+                                   dbias_partial):
+    """The sums of `winograd_weight_grad`, one chunk of `chunk` whole samples
+    per worker at a time, all three phases on that worker: chunk c writes
+    du_partial[c] (16, O, C), dU[k] = dM[k] @ V[k].T over its samples, and
+    dbias_partial[c] (O,); the caller adds them up in chunk order, so the bits
+    do not depend on which worker took which chunk. Scratch as in
+    `winograd_pipelined`.
+    """
+    n, channels = x.shape[:2]
+    channels_out = dy.shape[1]
+    n_chunks = (n + chunk - 1) // chunk
+    counter = np.zeros(1, dtype=np.int64)
+    for worker in prange(v_scratch.shape[0]):
+        v_flat = v_scratch[worker]
+        m_flat = m_scratch[worker]
+        while True:
+            c = take_chunk(counter)
+            if c >= n_chunks:
+                break
+            lo = c * chunk
+            hi = min(n, lo + chunk)
+            t = (hi - lo) * th * tw
+            _input_transform_serial(x[lo:hi], ph, pw, 0, th, tw, v_flat)
+            dbias_partial[c][:] = 0.0
+            _output_grad_transform_serial(dy[lo:hi], 0, th, tw, m_flat, dbias_partial[c])
+            for k in range(16):
+                sgemm(False, True, 1.0, m_flat[k, : channels_out * t].reshape((channels_out, t)),
+                      v_flat[k, : channels * t].reshape((channels, t)), 0.0, du_partial[c, k])
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +513,25 @@ def planes(name, rows, columns):
     return flat, flat[:, :size].reshape(16, rows, columns)
 
 
+def _pipeline_chunk(n, channels, channels_out, h_out, w_out):
+    """Samples per chunk of the pipelined kernels, or 0 where the layer runs
+    the three parallel phases instead (see PIPELINE_MIN_OUTPUTS). From the
+    layer shape only, never the thread count: the same bits on any."""
+    th, tw = tiles(h_out, w_out)
+    per_sample = 16 * (channels + channels_out) * th * tw
+    if h_out * w_out < PIPELINE_MIN_OUTPUTS or per_sample > CHUNK_ELEMENTS:
+        return 0
+    return max(1, min(n, PIPELINE_ELEMENTS // per_sample))
+
+
+def _pipeline_scratch(n, channels, channels_out, h_out, w_out, chunk):
+    """Per-worker V and M planes of the pipelined kernels: (workers, 16, stride) each."""
+    th, tw = tiles(h_out, w_out)
+    workers = min(numba.get_num_threads(), -(-n // chunk))
+    stride = _plane_stride(max(channels, channels_out) * chunk * th * tw)
+    return scratch("winograd.v", (workers, 16, stride)), scratch("winograd.m", (workers, 16, stride))
+
+
 def winograd_conv(x, weight, rotate, bias, padding, y):
     """y (N, O, H_out, W_out) = 3x3 stride-1 conv of x (N, C, H, W) + bias.
 
@@ -480,13 +545,9 @@ def winograd_conv(x, weight, rotate, bias, padding, y):
     ph, pw = padding
     u_flat, u = planes("winograd.u", channels_out, channels)
     filter_transform(weight, rotate, u_flat)
-    per_sample = 16 * (channels + channels_out) * th * tw
-    if h_out * w_out >= PIPELINE_MIN_OUTPUTS and per_sample <= CHUNK_ELEMENTS:
-        chunk = max(1, min(n, PIPELINE_ELEMENTS // per_sample))
-        workers = min(numba.get_num_threads(), -(-n // chunk))
-        stride = _plane_stride(max(channels, channels_out) * chunk * th * tw)
-        v = scratch("winograd.v", (workers, 16, stride))
-        m = scratch("winograd.m", (workers, 16, stride))
+    chunk = _pipeline_chunk(n, channels, channels_out, h_out, w_out)
+    if chunk:
+        v, m = _pipeline_scratch(n, channels, channels_out, h_out, w_out, chunk)
         with single_threaded_blas():
             winograd_pipelined(x, u, bias, ph, pw, th, tw, chunk, v, m, y)
         return
@@ -506,6 +567,20 @@ def winograd_weight_grad(x, dy, padding, weight_grad, bias_grad):
     channels_out, h_out, w_out = dy.shape[1:]
     th, tw = tiles(h_out, w_out)
     ph, pw = padding
+    chunk = _pipeline_chunk(n, channels, channels_out, h_out, w_out)
+    n_chunks = -(-n // chunk) if chunk else 0
+    if chunk and n_chunks * channels_out * channels <= PIPELINE_PARTIALS * n * channels * th * tw:
+        v, m = _pipeline_scratch(n, channels, channels_out, h_out, w_out, chunk)
+        du_partial = scratch("winograd.du", (n_chunks, 16, channels_out, channels))
+        dbias_partial = scratch("winograd.dbias", (n_chunks, channels_out))
+        with single_threaded_blas():
+            winograd_weight_grad_pipelined(x, dy, ph, pw, th, tw, chunk, v, m, du_partial,
+                                           dbias_partial)
+        du = np.zeros((16, channels_out * channels), dtype=np.float32)
+        add_partials(du, du_partial)  # in chunk order: the same bits run to run
+        add_partials(bias_grad, dbias_partial)
+        weight_grad_transform(du, weight_grad)
+        return
     du_flat, du = planes("winograd.u", channels_out, channels)
     with single_threaded_blas():
         for index, (lo, hi, a0, a1) in enumerate(_chunks(n, th, tw, channels + channels_out)):
