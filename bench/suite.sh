@@ -6,7 +6,7 @@
 # default: overlap (engine vs mpi4py) on loopback and an emulated 1 Gbit/s
 #          link; the step benchmark for every strategy on resnet20 and
 #          vgg16-cifar, 2 ranks, loopback and 1 Gbit/s; CNN throughput.
-# full:    also 10 Gbit/s links and more iterations.
+# full:    also 10 Gbit/s links, more iterations and throughput rounds.
 # Every run writes JSON to bench/results/; bench/report.py then writes the
 # markdown tables and plots (bench/results/summary.md, *.png) and refreshes
 # the README's performance section. Emulated links need root (bench/netlink);
@@ -27,6 +27,9 @@ links=(loopback 1gbit)
 [ "$mode" = full ] && links+=(10gbit)
 iters=6
 [ "$mode" = full ] && iters=8
+# throughput: fresh processes per framework, alternating (median reported)
+rounds=3
+[ "$mode" = full ] && rounds=5
 
 netlink_ok=1
 bench/netlink --rate 1gbit -- true 2>/dev/null || { netlink_ok=0; echo "suite: emulated links unavailable (bench/netlink needs root and iproute2); running loopback only"; }
@@ -81,7 +84,8 @@ for model in resnet20 vgg16-cifar; do
     for threads in 1 2; do
         echo "== throughput $model threads=$threads"
         env -u OPENBLAS_NUM_THREADS -u NUMBA_NUM_THREADS -u OMP_NUM_THREADS "$PY" -m bench.cnn_throughput \
-            --model "$model" --batch 64 --threads "$threads" --json-out "$OUT/throughput_${model}_t${threads}.json" \
+            --model "$model" --batch 64 --threads "$threads" --rounds "$rounds" \
+            --json-out "$OUT/throughput_${model}_t${threads}.json" \
             $("$PY" -c "import torch" 2>/dev/null && echo --compare-torch)
     done
 done
