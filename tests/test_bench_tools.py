@@ -9,31 +9,32 @@ from bench import report
 from bench.coreprobe import kernel_slowdowns, two_thread_slowdown
 
 
-def test_core_probe_needs_two_threads_and_gives_a_ratio():
-    try:
-        cnn.set_num_threads(1)
-        assert two_thread_slowdown() is None
-        if numba.config.NUMBA_NUM_THREADS < 2:
-            pytest.skip("numba has a single thread here")
-        cnn.set_num_threads(2)
-        ratio = two_thread_slowdown(repeats=1)
-        assert 0.2 < ratio < 50  # a time ratio, not a placeholder
-    finally:
-        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+@pytest.fixture
+def set_threads():
+    """cnn.set_num_threads, with numba's full thread count restored afterwards."""
+    yield cnn.set_num_threads
+    cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-def test_kernel_slowdowns_cover_the_four_kernels():
-    try:
-        cnn.set_num_threads(1)
-        assert kernel_slowdowns() is None
-        if numba.config.NUMBA_NUM_THREADS < 2:
-            pytest.skip("numba has a single thread here")
-        cnn.set_num_threads(2)
-        ratios = kernel_slowdowns(repeats=1)
-        assert list(ratios) == ["sgemm", "axpy_l1", "dot_l1", "axpy_l2"]
-        assert all(0.2 < ratio < 50 for ratio in ratios.values())
-    finally:
-        cnn.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+def test_core_probe_needs_two_threads_and_gives_a_ratio(set_threads):
+    set_threads(1)
+    assert two_thread_slowdown() is None
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread here")
+    set_threads(2)
+    ratio = two_thread_slowdown(repeats=1)
+    assert 0.2 < ratio < 50  # a time ratio, not a placeholder
+
+
+def test_kernel_slowdowns_cover_the_four_kernels(set_threads):
+    set_threads(1)
+    assert kernel_slowdowns() is None
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread here")
+    set_threads(2)
+    ratios = kernel_slowdowns(repeats=1)
+    assert list(ratios) == ["sgemm", "axpy_l1", "dot_l1", "axpy_l2"]
+    assert all(0.2 < ratio < 50 for ratio in ratios.values())
 
 
 def test_throughput_table_shows_rounds_and_probes():

@@ -449,6 +449,14 @@ def conv3x3_shifted_kernel(x, tap_weights, bias, ph, pw, stride, block, padded_s
                 from_padded_width(acc[o], bias[o], y[sample, o])
 
 
+@njit(**SERIAL_OPTIONS)
+def zeroed_rows(buffer, rows, columns):
+    """The first rows*columns values of the 1-D buffer, zeroed, as (rows, columns)."""
+    flat = buffer[: rows * columns]
+    flat[:] = 0.0
+    return flat.reshape((rows, columns))
+
+
 @njit(**REDUCTION_OPTIONS)
 def to_padded_width(plane, dst):
     """dst[h*W_pad + w] = plane[h, w] for the (H, W) plane; returns its float32 sum.
@@ -490,9 +498,7 @@ def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, stride, chunk, block, padd
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(padded_scratch.shape[0]):
         rows = padded_scratch[worker][: phases * plane].reshape((phases, plane))
-        flat = dy_scratch[worker][: channels_out * span]
-        flat[:] = 0.0  # the dropped columns stay zero
-        dy_w = flat.reshape((channels_out, span))
+        dy_w = zeroed_rows(dy_scratch[worker], channels_out, span)  # dropped columns stay zero
         while True:
             c = take_chunk(counter)
             if c >= n_chunks:
@@ -533,9 +539,7 @@ def conv3x3_shifted_input_grad_kernel(dy, tap_weights_t, ph, pw, stride, block, 
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(acc_scratch.shape[0]):
         acc = acc_scratch[worker][: phases * plane].reshape((phases, plane))
-        flat = dy_scratch[worker][: channels_out * span]
-        flat[:] = 0.0  # the dropped columns stay zero
-        dy_w = flat.reshape((channels_out, span))
+        dy_w = zeroed_rows(dy_scratch[worker], channels_out, span)  # dropped columns stay zero
         while True:
             sample = take_chunk(counter)
             if sample >= n:
