@@ -33,13 +33,13 @@ transform (split over channels), 16 SGEMMs (split over k, and over rows of
 the result when there are more than 16 threads), inverse transform. Every
 output element is computed by one thread in a fixed order, so the results are
 the same bits for any number of threads, and the weight gradient needs no
-per-thread partial sums. Layers with planes of at least PIPELINE_MIN_OUTPUTS outputs a
-channel instead give each thread whole chunks of a few samples and run all
-three phases of a chunk on it (`winograd_pipelined` for the forward and dx,
-`winograd_weight_grad_pipelined` for the weight gradient, whose chunks then
-write partial sums, added in chunk order): V and M stay in that thread's
-cache. The choice depends on the layer shape only, so the bits still do not
-depend on the thread count.
+per-thread partial sums. Layers with planes of at least
+PIPELINE_MIN_OUTPUTS outputs a channel instead give each thread whole chunks
+of a few samples and run all three phases of a chunk on it
+(`winograd_pipelined` for the forward and dx, `winograd_weight_grad_pipelined`
+for the weight gradient, whose chunks then write partial sums, added in chunk
+order): V and M stay in that thread's cache. The choice depends on the layer
+shape only, so the bits still do not depend on the thread count.
 """
 
 import numba
@@ -76,9 +76,9 @@ PIPELINE_MIN_OUTPUTS = 64
 PIPELINE_ELEMENTS = 1 << 19
 
 #: The weight gradient is pipelined too (`winograd_weight_grad_pipelined`)
-#: where its per-chunk partial sums, 16*O*C values a chunk, come to at most
-#: PIPELINE_PARTIALS per input tile value (C values a tile, per sample):
-#: resnet20's 64-channel layers on 8x8 (4 chunks, 0.25), VGG's 64-channel
+#: where its per-chunk partial sums (16*O*C values a chunk) come to at most
+#: PIPELINE_PARTIALS times the batch's transformed input V (16*C values a
+#: tile): resnet20's 64-channel layers on 8x8 (4 chunks, 0.25), VGG's 64-channel
 #: layer on 32x32 (64 chunks, 0.25); not VGG's 128- and 256-channel ones
 #: (1-4), whose partials would outweigh the inputs. Whole training step,
 #: in-process A/B against no pipelined weight gradient: resnet20 0.99x the
