@@ -108,6 +108,15 @@ def take_chunk(typingctx, counter):
     return types.int64(counter), codegen
 
 
+@njit(**SERIAL_OPTIONS)
+def next_chunk(counter, n, chunk):
+    """(c, lo, hi): the next chunk c from the shared counter (`take_chunk`),
+    samples [lo, hi) of n in chunks of `chunk`; lo >= n when none is left."""
+    c = take_chunk(counter)
+    lo = c * chunk
+    return c, lo, min(n, lo + chunk)
+
+
 @njit(**NUMBA_OPTIONS)
 def _split_sgemm(trans_a, trans_b, a, b, beta, c, by_rows, block):
     """c = op(a) @ op(b) + beta * c, c's rows (by_rows) or columns cut into

@@ -36,7 +36,15 @@ from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, Layer, Parameter, output_size, pair, scratch
-from .blas import REDUCTION_OPTIONS, SERIAL_OPTIONS, add_partials, sgemm, single_threaded_blas, take_chunk
+from .blas import (
+    REDUCTION_OPTIONS,
+    SERIAL_OPTIONS,
+    add_partials,
+    next_chunk,
+    sgemm,
+    single_threaded_blas,
+    take_chunk,
+)
 from .winograd import winograd_conv, winograd_weight_grad
 
 # ---------------------------------------------------------------------------
@@ -247,15 +255,12 @@ def conv2d_forward_kernel(x, weight, bias, kh, kw, sh, sw, ph, pw, h_out, w_out,
     n = x.shape[0]
     channels_out, taps = weight.shape
     plane = h_out * w_out
-    n_chunks = (n + chunk - 1) // chunk
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(cols_scratch.shape[0]):
         while True:
-            c = take_chunk(counter)
-            if c >= n_chunks:
+            _, lo, hi = next_chunk(counter, n, chunk)
+            if lo >= n:
                 break
-            lo = c * chunk
-            hi = min(n, lo + chunk)
             columns = (hi - lo) * plane
             cols = cols_scratch[worker][: taps * columns].reshape((taps, columns))
             im2col(x[lo:hi], kh, kw, sh, sw, ph, pw, h_out, w_out, cols)
@@ -278,16 +283,13 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
     n, channels_out, h_out, w_out = dy.shape
     taps = weight.shape[1]
     plane = h_out * w_out
-    n_chunks = (n + chunk - 1) // chunk
     dy3 = dy.reshape((n, channels_out, plane))
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(cols_scratch.shape[0]):
         while True:
-            c = take_chunk(counter)
-            if c >= n_chunks:
+            c, lo, hi = next_chunk(counter, n, chunk)
+            if lo >= n:
                 break
-            lo = c * chunk
-            hi = min(n, lo + chunk)
             columns = (hi - lo) * plane
             dy2 = dy2_scratch[worker][: channels_out * columns].reshape((channels_out, columns))
             dbias_partial[c][:] = 0.0
@@ -496,19 +498,18 @@ def conv3x3_shifted_weight_grad_kernel(x, dy, ph, pw, stride, chunk, block, padd
     width_s, plane = shifted_geometry(height, width, ph, pw, stride)
     span = h_out * width_s
     phases = stride * stride * channels
-    n_chunks = (n + chunk - 1) // chunk
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(padded_scratch.shape[0]):
         rows = padded_scratch[worker][: phases * plane].reshape((phases, plane))
         dy_w = zeroed_rows(dy_scratch[worker], channels_out, span)  # dropped columns stay zero
         while True:
-            c = take_chunk(counter)
-            if c >= n_chunks:
+            c, lo, hi = next_chunk(counter, n, chunk)
+            if lo >= n:
                 break
             partial = dweight_partial[c]
             partial[:] = 0.0
             dbias_partial[c][:] = 0.0
-            for sample in range(c * chunk, min(n, (c + 1) * chunk)):
+            for sample in range(lo, hi):
                 phase_copy(x[sample], ph, pw, stride, rows.reshape(-1), True)
                 for o in range(channels_out):
                     dbias_partial[c][o] += to_padded_width(dy[sample, o], dy_w[o])

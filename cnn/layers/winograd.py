@@ -48,7 +48,7 @@ from numba import njit, prange, uint64
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import NUMBA_OPTIONS, scratch
-from .blas import SERIAL_OPTIONS, add_partials, sgemm, single_threaded_blas, take_chunk
+from .blas import SERIAL_OPTIONS, add_partials, next_chunk, sgemm, single_threaded_blas
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float32)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float32)
@@ -422,17 +422,14 @@ def winograd_pipelined(x, u, bias, ph, pw, th, tw, chunk, v_scratch, m_scratch, 
     """
     n, channels = x.shape[:2]
     channels_out = y.shape[1]
-    n_chunks = (n + chunk - 1) // chunk
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(v_scratch.shape[0]):
         v_flat = v_scratch[worker]
         m_flat = m_scratch[worker]
         while True:
-            c = take_chunk(counter)
-            if c >= n_chunks:
+            _, lo, hi = next_chunk(counter, n, chunk)
+            if lo >= n:
                 break
-            lo = c * chunk
-            hi = min(n, lo + chunk)
             t = (hi - lo) * th * tw
             _input_transform_serial(x[lo:hi], ph, pw, 0, th, tw, v_flat)
             for k in range(16):
@@ -453,17 +450,14 @@ def winograd_weight_grad_pipelined(x, dy, ph, pw, th, tw, chunk, v_scratch, m_sc
     """
     n, channels = x.shape[:2]
     channels_out = dy.shape[1]
-    n_chunks = (n + chunk - 1) // chunk
     counter = np.zeros(1, dtype=np.int64)
     for worker in prange(v_scratch.shape[0]):
         v_flat = v_scratch[worker]
         m_flat = m_scratch[worker]
         while True:
-            c = take_chunk(counter)
-            if c >= n_chunks:
+            c, lo, hi = next_chunk(counter, n, chunk)
+            if lo >= n:
                 break
-            lo = c * chunk
-            hi = min(n, lo + chunk)
             t = (hi - lo) * th * tw
             _input_transform_serial(x[lo:hi], ph, pw, 0, th, tw, v_flat)
             dbias_partial[c][:] = 0.0
