@@ -1,6 +1,6 @@
 """What bench/step.py and the peer benchmarks (bench/peers/) share, so that
 their rows in the README table mean the same thing: the same options, the
-same overlap formula (ALGORITHM.md §4) and the same JSON record."""
+same overlap formula (docs/algorithm.md §4) and the same JSON record."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
 
 def step_record(args, strategy: str, ranks: int, iter_ms: float, compute_ms: float,
                 comm_ms: float, bytes_per_iter: int, progress_cpu_s: float | None, **extra) -> dict:
-    """The JSON record of one step benchmark; overlap efficiency as in ALGORITHM.md §4:
+    """The JSON record of one step benchmark; overlap efficiency as in docs/algorithm.md §4:
     (compute + comm - iter) / min(compute, comm), 0 = no overlap, 1 = the physical limit."""
     return {
         "model": args.model, "strategy": strategy, "ranks": ranks, "link": args.link,

@@ -70,7 +70,7 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 MACHINES = os.path.join(ROOT, "bench", "machines")
 SIM_STRATEGIES = cm.STRATEGIES + cm.MODEL_ONLY_STRATEGIES
 
-#: ALGORITHM.md §3. cores or nodes, speedup, baseline, global batch (None: not stated there).
+#: docs/algorithm.md §3. cores or nodes, speedup, baseline, global batch (None: not stated there).
 PUBLISHED = {
     "vgg16": [{"source": "MLHPC'18", "cores": 8192, "speedup": 2516.36, "baseline": "core",
                "batch": None}],
@@ -81,7 +81,7 @@ PUBLISHED = {
              {"source": "HiPC'17", "nodes": 128, "speedup": 77.97, "baseline": "node",
               "batch": 512}],
 }
-#: Assumed global batch for the MLHPC'18 comparison: ALGORITHM.md does not state it.
+#: Assumed global batch for the MLHPC'18 comparison: the paper does not state it.
 #: 8192 keeps >= 1 sample per core at 8192 cores (needed in the 1-process-per-core
 #: layout) and is the issue's own example; 512 is shown as a sensitivity check.
 MLHPC_BATCH = 8192

@@ -1,5 +1,5 @@
 """One training step under real communication: iteration vs compute-only vs
-one blocking allreduce, and the overlap efficiency (ALGORITHM.md §4).
+one blocking allreduce, and the overlap efficiency (docs/algorithm.md §4).
 
     mpirun -n 2 python -m bench.step --model vgg16-cifar --strategy multistep \\
         --batch-size-per-rank 32 --iters 10 --json

@@ -1,5 +1,5 @@
 """The alpha-beta-gamma cost model and an event simulation of every strategy
-(ALGORITHM.md §2), for any number of ranks P.
+(docs/algorithm.md §2), for any number of ranks P.
 
     from engine import costmodel as cm
     prof = cm.load_profile("bench/results/profile_resnet20_b32.json")
@@ -83,7 +83,7 @@ Two parts, both pure Python:
    layer (no auto choice); hooks, waits and compute are the same.
 
 The simulation runs a few iterations back to back and reports the last one
-(the steady state, where the lazy updates and allgathers of iteration k are
+(the steady state, where the deferred updates and allgathers of iteration k are
 paid in the forward of k+1), as bench/step.py measures it.
 """
 
@@ -534,7 +534,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         if strategy in ("layerwise", "priority"):
             for r in pending.pop(i, ()):
                 th.wait(r)
-            if state.get("updated_lazily"):
+            if state.get("update_deferred"):
                 th.compute(layer.update_s)
         elif strategy == "bucketed":
             if i in pending:
@@ -596,7 +596,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         th.wait(flat)
         th.compute(sum(l.update_s for l in layers))
     elif strategy in ("layerwise", "priority"):
-        state["updated_lazily"] = True
+        state["update_deferred"] = True
     elif strategy in ("multistep", "multistep-fc"):
         for i in range(L):
             for r in rs.get(i, ()) or gathers.get(i, ()):

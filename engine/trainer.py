@@ -23,7 +23,7 @@ Per iteration, on every rank, in this order:
 4. if any rank saw a non-finite value, every rank knows it from that
    allreduce: the update is skipped on every rank (``skip_nonfinite=True``)
    or `NonFiniteError` names the layer and iteration; otherwise the strategy
-   updates (now or lazily, `finish_step`).
+   updates (now or deferred, `finish_step`).
 
 Every rank issues the same collectives in the same order; nothing depends on
 local timing.

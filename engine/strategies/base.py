@@ -10,7 +10,7 @@ per iteration, in this order on every rank::
     finish_step(apply)   after the loss/flag exchange: update what must be
                          updated now (apply=False: skip this iteration's update
                          on every rank, e.g. a non-finite gradient)
-    synchronize()        complete everything left pending (lazy updates,
+    synchronize()        complete everything left pending (deferred updates,
                          allgathers), so that the weights are final and every
                          gradient is zero
 
@@ -23,7 +23,7 @@ Rules every strategy keeps:
    once their exchange is complete, before that layer's next backward.
 3. The update of iteration k uses the hyperparameters (lr, momentum, weight
    decay) the optimizer had at the end of iteration k, even when the strategy
-   applies it lazily during iteration k+1's forward.
+   defers it to iteration k+1's forward.
 4. Every wait goes through `Strategy.wait`, which times it: the sum is the
    exposed (not hidden) communication time of the iteration.
 """

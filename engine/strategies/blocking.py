@@ -1,4 +1,4 @@
-"""`blocking`: the traditional baseline (ALGORITHM.md §1.1).
+"""`blocking`: the traditional baseline (docs/algorithm.md §1.1).
 
 forward -> backward (all layers) -> one allreduce of all gradients -> update.
 Nothing overlaps: T_iter = T_fwd + T_bwd + T_allreduce(N) + T_update(N).

@@ -1,5 +1,5 @@
 """`bucketed`: consecutive layers fused into buckets, one allreduce per bucket
-(ALGORITHM.md §1.3; Horovod tensor fusion, PyTorch DDP buckets).
+(docs/algorithm.md §1.3; Horovod tensor fusion, PyTorch DDP buckets).
 
 Every collective costs a latency alpha whatever its size, and a network has
 many small tensors (biases, small convolutions). Layers are grouped, in

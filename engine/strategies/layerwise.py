@@ -1,5 +1,5 @@
 """`layerwise`: one non-blocking allreduce per layer, posted during backprop
-(ALGORITHM.md §1.2, the HiPC'17 engine).
+(docs/algorithm.md §1.2, the HiPC'17 engine).
 
 As soon as layer i's gradients are final (grad-ready hook), they are handed to
 the progress thread, and backprop goes straight on with layer i-1. The update
@@ -36,7 +36,7 @@ class Layerwise(Strategy):
                            for p in layer.params]
 
     def finish_step(self, apply: bool) -> None:
-        self.hyper = Hyper.of(self.optimizer)    # used by the lazy updates below
+        self.hyper = Hyper.of(self.optimizer)    # used by the deferred updates below
         self.apply = apply
 
     def pre_forward(self, i: int, layer) -> None:

@@ -1,5 +1,5 @@
 """`lazy`: the input-side layers averaged only every `interval` iterations, the
-interval adapting to how consistent their gradients are (ALGORITHM.md §1.6,
+interval adapting to how consistent their gradients are (docs/algorithm.md §1.6,
 the JPDC 2022 follow-up of the multi-step algorithm).
 
 The first `lazy_layers` layers (input side) are the last whose gradients are
@@ -60,7 +60,7 @@ _STATS_PRIORITY = -1     # the three statistics overtake queued gradient chunks
 
 def next_interval(interval: int, steps: int, g2: float, a2: float, d2: float,
                   max_interval: int) -> int:
-    """The interval after an averaging step (ALGORITHM.md §1.6).
+    """The interval after an averaging step (docs/algorithm.md §1.6).
 
     Parameters
     ----------

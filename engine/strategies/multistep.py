@@ -1,4 +1,4 @@
-"""`multistep`: the MLHPC'18 algorithm (ALGORITHM.md §1.5): allreduce split into
+"""`multistep`: the MLHPC'18 algorithm (docs/algorithm.md §1.5): allreduce split into
 reduce-scatter + allgather, each half hidden behind a different computation,
 and each rank updating only its 1/P of the model.
 

@@ -1,5 +1,5 @@
 """`priority`: layerwise, with chunks of layers nearer the input posted first
-(ALGORITHM.md §1.4; P3, ByteScheduler).
+(docs/algorithm.md §1.4; P3, ByteScheduler).
 
 The one change from `layerwise` is the priority of each request: its layer
 index. The exchanger splits every gradient into chunks of `chunk_bytes` and
