@@ -2,7 +2,8 @@
 #
 #   make              virtualenv + pinned dependencies + MPICH wheel + Cython build
 #   make run          the main job (2 ranks) on the embedded default
-#   make test         serial tests, then MPI tests under 1, 2, 3 and 4 ranks
+#   make test         serial tests, MPI tests under 1, 2, 3 and 4 ranks, docs-check
+#   make docs-check   run every command of docs/tutorial.md and check its output
 #   make test-N       MPI tests under N ranks only (N = 1..4)
 #   make check        a tiny smoke benchmark
 #   make bench        the benchmark suite; results go to bench/results/ and the README
@@ -46,7 +47,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MPI_TEST_ENV := NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 PYTEST_MPI := -m pytest tests/mpi -q -x -p no:cacheprovider --timeout=600
 
-.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 check bench bench-full torch lint clean
+.PHONY: all deps build run test test-serial test-1 test-2 test-3 test-4 docs-check check bench bench-full torch lint clean
 
 all: build
 
@@ -74,13 +75,18 @@ ext/.built: $(STAMP) setup.py $(EXT_SRC)
 run: build
 	$(MPIEXEC) -n 2 $(PY) -m engine.train
 
-test: test-serial test-1 test-2 test-3 test-4
+test: test-serial test-1 test-2 test-3 test-4 docs-check
 
 test-serial: build
 	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/mpi --timeout=900
 
 test-1 test-2 test-3 test-4: test-%: build
 	env $(MPI_TEST_ENV) $(MPIEXEC) -n $* $(PY) $(PYTEST_MPI)
+
+# The tutorial's commands, run as a reader would (the venv first on PATH);
+# its emulated links need root, like bench/netlink.
+docs-check: build
+	env $(MPI_TEST_ENV) $(PY) docs/check_tutorial.py docs/tutorial.md
 
 check: build
 	$(MPIEXEC) -n 2 $(PY) -m bench.overlap --quick --sizes 1MiB
@@ -97,7 +103,7 @@ torch: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0
 
 lint: build
-	$(BIN)/ruff check engine cnn bench tests setup.py
+	$(BIN)/ruff check engine cnn bench tests analysis docs setup.py
 	PATH=$(BIN):$$PATH $(BIN)/cython-lint ext/*.pyx ext/*.pxd ext/*.pxi
 
 clean:

@@ -64,6 +64,8 @@ import time
 
 import numpy as np
 
+from cnn.runtime import configure
+
 # name -> (input shape, default classes), as cnn.models.MODELS. Repeated here so
 # that the PyTorch process never imports cnn (numba would inflate its memory).
 MODELS = {
@@ -391,6 +393,7 @@ def table_row(record):
 
 
 def main():
+    configure(progress_thread=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vgg16-cifar", choices=MODELS)
     parser.add_argument("--batch", type=int, default=64)

@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from cnn.runtime import configure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGY_NAMES = ("blocking", "layerwise", "bucketed", "priority", "multistep")
 
@@ -220,6 +222,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
+    configure(progress_thread=False)
     args = parse_args(argv)
     if args.worker:
         worker(args)

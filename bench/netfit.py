@@ -48,6 +48,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from cnn.runtime import configure
 from engine import costmodel as cm
 from engine.exchanger import Exchanger
 
@@ -180,6 +181,7 @@ def interference(comm, budget_s: float, blocks: int = 40, per_block: int = 4) ->
 
 
 def main(argv=None):
+    configure(progress_thread=True)
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     P = comm.size

@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from mpi4py import MPI
 
+from cnn.runtime import configure
 from engine import Exchanger
 
 COMM = MPI.COMM_WORLD
@@ -113,6 +114,7 @@ def row(impl, nbytes, t_pure, t_compute, t_overall, **extra):
 
 
 def main(argv=None):
+    configure(progress_thread=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=None,
                         help="comma-separated sizes (e.g. 64KiB,1MiB); default 4KiB..64MiB")

@@ -32,6 +32,7 @@ from cnn import models
 from cnn.data import SyntheticDataset
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
+from cnn.runtime import configure
 from engine.exchanger import Exchanger
 from engine.strategies import STRATEGIES
 from engine.trainer import Trainer
@@ -94,6 +95,7 @@ def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5):
 
 
 def main(argv=None):
+    configure(progress_thread=True)
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     model, data = setup(args, comm)

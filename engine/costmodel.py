@@ -182,6 +182,9 @@ class Network:
     @classmethod
     def from_dict(cls, d: dict) -> Network:
         known = {f for f in cls.__dataclass_fields__}
+        missing = [f for f in ("alpha", "beta") if f not in d]
+        if missing:
+            raise ValueError(f"a network needs at least alpha and beta; missing {', '.join(missing)}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod

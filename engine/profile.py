@@ -52,6 +52,7 @@ from cnn.data import SyntheticDataset
 from cnn.layers import BatchNorm2d, Conv2D, Linear
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import sgd_update
+from cnn.runtime import configure
 
 __all__ = ["forward_flops", "machine_info", "profile_model", "sgemm_gflops"]
 
@@ -198,6 +199,7 @@ def profile_model(model, batch: int, iters: int = 5, warmup: int = 1) -> dict:
 
 
 def main(argv=None):
+    configure(progress_thread=False)
     args = parse_args(argv)
     if args.sgemm_only:
         cnn.set_num_threads(1)

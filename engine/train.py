@@ -39,6 +39,7 @@ from cnn.data import (
     normalize_cifar10,
 )
 from cnn.optim import SGD
+from cnn.runtime import configure
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
@@ -319,6 +320,7 @@ def run(args, comm) -> dict:
 
 
 def main(argv=None) -> int:
+    configure(progress_thread=True)
     comm = MPI.COMM_WORLD
     args = parse_args(argv)
     try:

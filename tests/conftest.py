@@ -11,6 +11,12 @@ import os
 
 from hypothesis import settings
 
+from cnn.runtime import configure
+
+# The serial tests are compute alone (tests/mpi/conftest.py says otherwise
+# for the MPI tests); before any kernel runs.
+configure(progress_thread=False)
+
 settings.register_profile("ci", derandomize=True, deadline=None, database=None)
 settings.register_profile("explore", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -602,15 +602,20 @@ def test_set_num_threads():
         cnn.set_num_threads(0)
 
 
-@pytest.mark.parametrize("first, preset, expected", [
-    ("cnn", {}, ("PASSIVE", "30000")),  # cnn alone: a bounded spin, then sleep
-    ("engine", {}, ("PASSIVE", "0")),  # beside the progress thread: no spin
-    ("cnn", {"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # the user's choice wins
-    ("engine", {"GOMP_SPINCOUNT": "5"}, (None, "5")),
+@pytest.mark.parametrize("imports, call, preset, expected", [
+    ("cnn, engine", "", {}, (None, None)),              # nothing is set at import...
+    ("engine, cnn", "", {}, (None, None)),              # ... in either order
+    ("cnn, engine", "False", {}, ("PASSIVE", "30000")),  # compute alone: a bounded spin
+    ("engine, cnn", "False", {}, ("PASSIVE", "30000")),
+    ("cnn, engine", "True", {}, ("PASSIVE", "0")),      # beside the progress thread: no spin
+    ("engine, cnn", "True", {}, ("PASSIVE", "0")),
+    ("cnn", "False", {"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # the user's choice wins
+    ("engine, cnn", "True", {"GOMP_SPINCOUNT": "5"}, (None, "5")),
 ])
-def test_openmp_wait_policy_defaults(first, preset, expected):
-    """What `import cnn` / `import engine` leave in the environment for libgomp
-    (read when numba starts its OpenMP workers), in a fresh interpreter."""
+def test_runtime_configuration_is_explicit(imports, call, preset, expected):
+    """What the environment holds for libgomp (read when numba starts its
+    OpenMP workers) after importing cnn and engine in either order and then
+    calling `cnn.runtime.configure`, in a fresh interpreter."""
     import json
     import os
     import subprocess
@@ -618,11 +623,27 @@ def test_openmp_wait_policy_defaults(first, preset, expected):
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(preset)
-    code = (f"import os, json, {first}; "
+    configure = f"cnn.runtime.configure(progress_thread={call}); " if call else ""
+    code = (f"import os, json; import {imports}; import cnn.runtime; {configure}"
             "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                          text=True).stdout
     assert tuple(json.loads(out.strip().splitlines()[-1])) == expected
+
+
+def test_configure_after_the_openmp_workers_started_is_an_error():
+    """A change of policy once numba's workers run would be silently ignored by libgomp."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import numpy as np, cnn.runtime as rt; rt.configure(progress_thread=False); "
+            "from cnn.layers.activation import ReLU; ReLU().forward(np.ones((64, 64, 8, 8), np.float32)); "
+            "rt.configure(progress_thread=False); rt.configure(progress_thread=True)")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "after numba started its OpenMP workers" in p.stderr
 
 
 def _conv3x3_run(x, dy, out_channels, initial_grad=0.0, stride=1):

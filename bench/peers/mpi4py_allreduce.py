@@ -23,6 +23,7 @@ from bench.step import compute_only, setup
 from cnn import models
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
+from cnn.runtime import configure
 
 
 def parse_args(argv=None):
@@ -31,6 +32,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    configure(progress_thread=False)
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     model, data = setup(args, comm)

@@ -20,6 +20,10 @@ from _pytest._io import TerminalWriter
 from hypothesis import HealthCheck, Phase, settings
 from mpi4py import MPI
 
+from cnn.runtime import configure
+
+configure(progress_thread=True)     # every MPI test runs beside a progress thread
+
 settings.register_profile(
     "mpi",
     derandomize=True,
