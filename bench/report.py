@@ -58,9 +58,13 @@ def machine():
             f"Python {info['python']}")
 
 
-def overlap_section(rows):
+def overlap_section(rows, headline=False):
+    """The overlap table; `headline` keeps the emulated links' 1 MiB and larger rows (README)."""
     if not rows:
         return []
+    all_rows = rows
+    if headline:
+        rows = [r for r in rows if r.get("link") != "loopback" and r["bytes"] >= 1 << 20]
     lines = ["### Engine overlap (bench/overlap.py, 2 ranks, float32 allreduce)", "",
              "`mpiexec -n 2 python -m bench.overlap` (loopback) and "
              "`bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.overlap` (emulated link).", "",
@@ -72,9 +76,10 @@ def overlap_section(rows):
                      f"{r['t_pure_ms']:.2f} | {r['t_compute_ms']:.2f} | {r['t_overall_ms']:.2f} | "
                      f"{r['overlap_pct']:.1f} | {r.get('progress_cpu_ms_per_op', 0):.2f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
-    series = sorted({(r.get("link"), r["impl"]) for r in rows}, key=lambda k: (link_key(k[0]), k[1]))
+    series = sorted({(r.get("link"), r["impl"]) for r in all_rows},
+                    key=lambda k: (link_key(k[0]), k[1]))
     for link, impl in series:
-        pts = sorted((r["bytes"], r["overlap_pct"]) for r in rows
+        pts = sorted((r["bytes"], r["overlap_pct"]) for r in all_rows
                      if r.get("link") == link and r["impl"] == impl)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                 linestyle="-" if impl == "engine" else "--", label=f"{impl}, {link}")
@@ -88,7 +93,9 @@ def overlap_section(rows):
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "overlap.png"), dpi=110)
     plt.close(fig)
-    return lines + ["", "![overlap](bench/results/overlap.png)", ""]
+    note = (["", "Emulated links, 1 MiB and larger; every size and loopback in "
+             "`bench/results/summary.md`."] if headline else [])
+    return lines + note + ["", "![overlap](bench/results/overlap.png)", ""]
 
 
 def step_section(rows):
@@ -204,18 +211,23 @@ def simulate_section():
     return lines
 
 
-def main():
+def sections(headline: bool) -> str:
+    """All tables as markdown: every row for summary.md, the headline rows for the README."""
     parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
              "10 Gbit/s link); raw JSON in `bench/results/`.", ""]
     parts += throughput_section(load("throughput_*.json"))
-    parts += overlap_section(load("overlap_*.json"))
+    parts += overlap_section(load("overlap_*.json"), headline)
     parts += step_section(load("step_*.json"))
     parts += timeline_section()
     parts += model_check_section(load("model_check_*.json"))
     parts += simulate_section()
-    text = "\n".join(parts)
+    return "\n".join(parts)
+
+
+def main():
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
-        f.write(text.replace("](bench/results/", "](") + "\n")
+        f.write(sections(headline=False).replace("](bench/results/", "](") + "\n")
+    text = sections(headline=True)
     if os.path.exists("README.md"):
         with open("README.md") as f:
             readme = f.read()

@@ -42,14 +42,13 @@ def _keep_freed_heap():
     """Ask glibc's malloc to keep freed memory instead of returning it to the OS.
 
     A training step allocates and frees the same activation-sized arrays every
-    iteration. By default glibc gives the top of the heap back (trim) and
-    maps large blocks afresh, so every step pays a few thousand page faults
-    to get them back: measured 2,000-4,000 minor faults per resnet20 step
-    (batch 64), 0-7 % of its time in A/B runs, and none with these settings. Peak memory
-    is unchanged; the process just stays at its high-water mark, as a caching
-    allocator would. Blocks over 32 MiB (glibc's largest dynamic threshold)
-    are still mapped per allocation. Skipped off glibc, and when the user
-    tunes malloc (``GLIBC_TUNABLES`` or ``MALLOC_*``) themselves.
+    iteration; by default glibc gives the top of the heap back and maps large
+    blocks afresh, so every step pays page faults to get them back
+    (docs/performance.md, "malloc"). Peak memory is unchanged: the process
+    stays at its high-water mark, as a caching allocator would. Blocks over
+    32 MiB (glibc's largest dynamic threshold) are still mapped per
+    allocation. Skipped off glibc, and when the user tunes malloc
+    (``GLIBC_TUNABLES`` or ``MALLOC_*``) themselves.
     """
     if (not sys.platform.startswith("linux") or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
             or any(key.startswith("MALLOC_") for key in os.environ)):

@@ -324,12 +324,9 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
 # are 9 SGEMMs per sample with no im2col: the 9x larger cols matrix is never
 # written, OpenBLAS reads the shifted views directly. The W_pad - W_out
 # columns that wrap around a row are dropped on the way to y (and are zero in
-# dY_w). Measured 1.5-3x faster than im2col on resnet20's stride-1 layers.
-# The 9 SGEMMs run block by block over the columns (`shifted_block`), so
-# that a block of Y_w (or dY_w) and of the taps stays in L1 for all 9.
-# (Stacking the three row shifts into 3 SGEMMs of depth 3C instead was tried:
-# 1.05-1.13x slower than the blocked 9 on resnet20's 16-channel layer, 1.3x on
-# its 32-channel one.)
+# dY_w). The 9 SGEMMs run block by block over the columns (`shifted_block`),
+# so that a block of Y_w (or dY_w) and of the taps stays in L1 for all 9.
+# (Measurements, and the stacked-rows variant that lost: docs/performance.md.)
 #
 # Stride 2 ("polyphase"). Split the padded sample into its 4 phases, phase
 # (p, q) holding the padded pixels (p + 2a, q + 2b) at a*W_2 + b, W_2 =
@@ -339,11 +336,7 @@ def conv2d_backward_kernel(x, dy, weight, kh, kw, sh, sw, ph, pw, chunk, cols_sc
 # W_2 for W_pad (`phase_copy`, `tap_view`). The input gradient is the
 # transposed product, dX_ij (C, span) = W_ij.T @ dY_w, added into the phases
 # at the tap's shift (`conv3x3_shifted_input_grad_kernel`). No im2col and no
-# multiplications by padding. On resnet20's two stride-2 3x3 layers, batch 64,
-# forward + backward against im2col: 1 thread 6.6-7.0 -> 4.6-5.4 ms (16 -> 32
-# channels) and 4.4-4.6 -> 4.4-4.6 ms (32 -> 64); 2 threads 3.6-4.1 -> 2.6 ms
-# and 2.7-3.0 -> 2.4 ms. Whole resnet20 step, in-process A/B: 0.97-0.98x the
-# time, at 1 and 2 threads, in both of the VM's states (bench/coreprobe.py).
+# multiplications by padding.
 
 
 @njit(**SERIAL_OPTIONS)
@@ -564,19 +557,16 @@ def conv3x3_shifted_input_grad_kernel(dy, tap_weights_t, ph, pw, stride, block, 
 # ---------------------------------------------------------------------------
 
 #: Elements of one thread's im2col chunk: small enough to stay in cache between
-#: im2col, the SGEMMs and col2im, large enough for SGEMM speed. 2^19 was 10-20 %
-#: faster than 2^21 on resnet20's 32- and 64-channel layers (1 thread).
+#: im2col, the SGEMMs and col2im, large enough for SGEMM speed.
 CHUNK_ELEMENTS = 1 << 19
 
 #: ... but at least this many times the weight's elements: every chunk after
-#: the first costs a weight-gradient partial of the weight's size, which made
-#: 2^19 up to 3x slower than 2^21 on VGG's 256- and 512-channel layers.
+#: the first costs a weight-gradient partial of the weight's size.
 CHUNK_WEIGHT_RATIO = 4
 
 #: With several threads, cut the batch into at least this many chunks per
 #: thread. More chunks balance better when the OS holds a thread up, but each
-#: extra chunk costs a (O, C*kh*kw) weight-gradient partial: 2 was up to 10%
-#: slower than 1 on the 512-channel VGG layers, and no faster elsewhere.
+#: extra chunk costs a (O, C*kh*kw) weight-gradient partial.
 CHUNKS_PER_THREAD = 1
 
 
@@ -585,12 +575,7 @@ CHUNKS_PER_THREAD = 1
 #: SGEMMs' columns, `shifted_geometry`), is at least SHIFTED_MIN_SPAN and at least
 #: SHIFTED_SPAN_PER_CHANNEL * in_channels (each sample re-reads the whole
 #: weight, so the columns must outnumber its depth), with at least
-#: SHIFTED_MIN_CHANNELS input channels. Measured at batch 64, 1 thread: 1.2-4x
-#: faster than im2col on resnet20's 16-64 channel layers and VGG's 64 and 128
-#: channel layers; 10 % slower at 256 channels on 8x8 (span 80), 3x slower at
-#: 512 channels on 4x4. At stride 2 (batch 16, forward + backward): as fast as
-#: im2col on ResNet-50's 128-channel 56x56 layer (span 812), 0.93x its time
-#: at 64 channels.
+#: SHIFTED_MIN_CHANNELS input channels: where it beat im2col (docs/performance.md).
 SHIFTED_MIN_SPAN = 64
 SHIFTED_SPAN_PER_CHANNEL = 1
 SHIFTED_MIN_CHANNELS = 8
@@ -601,34 +586,24 @@ SHIFTED_MIN_CHANNELS = 8
 #: SGEMMs instead of streaming through L2 nine times. See `shifted_block`.
 SHIFTED_BLOCK_ELEMENTS = 8192
 
-#: ... and at most this many columns. On resnet20's 16-channel layer (256
-#: columns without the cap), forward + backward at 2 threads in the VM's slow
-#: state (see `shifted_block`), in-process A/B: 128 columns 0.69-0.84x the
-#: time of 256; on one thread the same (6.83 vs 6.79 ms). Its 32-channel
-#: layer already gets 128; 64 there cost 6 % on one thread.
+#: ... and at most this many columns: two threads that stream the same L2
+#: slow each other down where one does not (docs/performance.md).
 SHIFTED_MAX_COLUMNS = 128
 
 
 def shifted_block(channels, channels_out):
     """Columns per block of the shifted-view SGEMMs (a multiple of 16).
 
-    Measured (16x16 @ 16x1088, the tap product of resnet20's 16-channel
-    layers, per call): 2.3 us on one thread, 6.4-7.5 us each when two threads
-    ran such calls at once on this 2-core VM; cut into 272-column blocks, 0.58
-    us per block both ways. Operands that stream from L2 are what two threads
-    slow each other down on; blocks that fit L1 are not.
+    Blocks whose operands fit L1 keep two threads from slowing each other
+    down on L2 streams (docs/performance.md, "shifted-view blocks").
     """
     return max(16, min(SHIFTED_MAX_COLUMNS, SHIFTED_BLOCK_ELEMENTS // (channels + channels_out) // 16 * 16))
 
 
 #: 3x3 stride-1 layers with at least this many input and output channels run
 #: Winograd's F(2x2, 3x3) (cnn/layers/winograd.py) instead of either of the
-#: above. Measured at batch 64 (forward + backward, ms, 1 thread, im2col or
-#: shifted -> Winograd): 64->64 on 8x8 6.3 -> 5.0, on 32x32 91 -> 80;
-#: 128->128 on 16x16 81 -> 51; 256->256 on 8x8 82 -> 41; 512->512 on 4x4 76 ->
-#: 44, on 2x2 23 -> 17. At 32 channels and fewer the shifted SGEMMs stay ahead
-#: (32->32 on 16x16 4.9 -> 8.1): the transforms cost per activation, the
-#: saving is per channel pair.
+#: above: the transforms cost per activation, the saving is per channel pair,
+#: so below 64 channels the shifted SGEMMs stay ahead (docs/performance.md).
 WINOGRAD_MIN_CHANNELS = 64
 
 

@@ -61,17 +61,9 @@ CHUNK_ELEMENTS = 1 << 21
 
 #: Forward (and input-gradient) layers with at least this many outputs per
 #: channel, whose samples fit a chunk, run `winograd_pipelined`, whose chunks
-#: hold about PIPELINE_ELEMENTS values of V and M (at least one sample).
-#: Measured at batch 64, forward ms, phases -> pipelined: 64 -> 64 channels on
-#: 32x32, 1 thread 31.1 -> 26.7-27.2, 2 threads 15.8-22.2 -> 13.5-14.0 (the
-#: phases scaled 1.4-2.0x from 1 to 2 threads, the pipeline 1.96x); 128 on
-#: 16x16 and 256 on 8x8 within noise either way, 512 on 4x4 1.2-2.5x slower
-#: (too few tiles a sample for the SGEMMs of one chunk). In the whole training
-#: step, in-process A/B against 1024, rounds classed by bench/coreprobe.py:
-#: 64 (8x8 and up) took resnet20 (64 channels on 8x8) 0.97x the time at 1
-#: thread, 0.98x at 2 in both of the VM's states; vgg16-cifar 1.00x at 1
-#: thread, 0.99x (fast state) and 0.95x (slow state) at 2. Going down to 4
-#: (VGG's 4x4 and 2x2 too) cost vgg16-cifar 1.01-1.03x against 64.
+#: hold about PIPELINE_ELEMENTS values of V and M (at least one sample):
+#: below 8x8 planes a sample has too few tiles for one chunk's SGEMMs
+#: (docs/performance.md, "Winograd pipeline").
 PIPELINE_MIN_OUTPUTS = 64
 PIPELINE_ELEMENTS = 1 << 19
 
@@ -80,10 +72,7 @@ PIPELINE_ELEMENTS = 1 << 19
 #: PIPELINE_PARTIALS times the batch's transformed input V (16*C values a
 #: tile): resnet20's 64-channel layers on 8x8 (4 chunks, 0.25), VGG's 64-channel
 #: layer on 32x32 (64 chunks, 0.25); not VGG's 128- and 256-channel ones
-#: (1-4), whose partials would outweigh the inputs. Whole training step,
-#: in-process A/B against no pipelined weight gradient: resnet20 0.99x the
-#: time at 1 thread, at 2 threads 1.00x in the VM's fast state and 0.96x in
-#: its slow one; vgg16-cifar 1.00x, 1.00x and 0.98x.
+#: (1-4), whose partials would outweigh the inputs.
 PIPELINE_PARTIALS = 0.5
 
 
