@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from engine import costmodel as cm
+from engine.plot_trace import short_label
 
 STRATEGIES = ("blocking", "layerwise", "multistep")
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "update": "tab:olive",
@@ -134,14 +135,6 @@ def schedule(strategy: str, layers, net: cm.Network, P: int,
     spans = [Span(s.lane, s.kind, s.label, s.start, min(s.end, cut))
              for s in lanes.spans if s.start < cut]
     return spans, cut - previous
-
-
-def short_label(name: str) -> str:
-    """'features.10' -> 'f10', 'classifier.0' -> 'c0', 'layer2.1.conv1' -> '2.1.conv1'."""
-    for prefix, short in (("features.", "f"), ("classifier.", "c"), ("layer", "")):
-        if name.startswith(prefix):
-            return short + name[len(prefix):]
-    return name
 
 
 def plot(results: dict, output: str, title: str) -> None:

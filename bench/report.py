@@ -166,17 +166,20 @@ def throughput_section(rows):
 
 
 def timeline_section():
-    pictures = [name for name in ("blocking", "multistep")
-                if os.path.exists(os.path.join(RESULTS, f"timeline_{name}.png"))]
+    pictures = sorted(glob.glob(os.path.join(RESULTS, "timeline_*_*.png")),
+                      key=lambda p: (link_key(p.rsplit("_", 1)[1][:-4]), p))
     if not pictures:
         return []
     lines = ["### Timelines (engine/trace.py, engine/plot_trace.py)", "",
              "Three iterations of vgg16-cifar (global batch 64, 2 ranks) traced with `--trace` and "
-             "drawn with `python -m engine.plot_trace`: per rank, forward and backward of each layer, "
-             "waits, and each chunk on the progress thread from post to completion. "
-             "Open `bench/results/trace_*.json` in Perfetto for the details.", ""]
-    for name in pictures:
-        lines += [f"**{name}**", "", f"![{name}](bench/results/timeline_{name}.png)", ""]
+             "drawn with `python -m engine.plot_trace`: per rank, forward and backward of each layer "
+             "(labelled where the bar is wide enough), waits, and each chunk on the progress thread "
+             "from post to completion. At 1 Gbit/s the step is communication-bound, at 10 Gbit/s "
+             "compute-bound. Open `bench/results/trace_*.json` in Perfetto for the details.", ""]
+    for path in pictures:
+        name = os.path.basename(path)[len("timeline_"):-4]
+        strategy, link = name.rsplit("_", 1)
+        lines += [f"**{strategy}, {link}**", "", f"![{name}](bench/results/{os.path.basename(path)})", ""]
     return lines
 
 

@@ -69,15 +69,19 @@ for model in resnet20 vgg16-cifar; do
     done
 done
 
-# Timelines for the README: the same 3 iterations of vgg16-cifar on the slowest link.
-tlink=${links[1]:-loopback}
-[ "$netlink_ok" = 1 ] || tlink=loopback
-for strategy in blocking multistep; do
-    echo "== timeline $strategy $tlink"
-    run_on "$tlink" "$MPIEXEC" -n 2 "$PY" -m engine.train --model vgg16-cifar --dataset synthetic \
-        --synthetic-size 512 --batch-size 64 --iters 3 --strategy "$strategy" --no-progress \
-        --trace "$OUT/trace_${strategy}.json" > /dev/null
-    "$PY" -m engine.plot_trace "$OUT/trace_${strategy}.json" -o "$OUT/timeline_${strategy}.png"
+# Timelines for the README: the same 3 iterations of vgg16-cifar on a
+# communication-bound link (1 Gbit/s) and a compute-bound one (10 Gbit/s).
+tlinks=(1gbit 10gbit)
+[ "$netlink_ok" = 1 ] || tlinks=(loopback)
+for tlink in "${tlinks[@]}"; do
+    for strategy in blocking multistep; do
+        echo "== timeline $strategy $tlink"
+        run_on "$tlink" "$MPIEXEC" -n 2 "$PY" -m engine.train --model vgg16-cifar --dataset synthetic \
+            --synthetic-size 512 --batch-size 64 --iters 3 --strategy "$strategy" --no-progress \
+            --trace "$OUT/trace_${strategy}_${tlink}.json" > /dev/null
+        "$PY" -m engine.plot_trace "$OUT/trace_${strategy}_${tlink}.json" \
+            -o "$OUT/timeline_${strategy}_${tlink}.png" --title "$strategy, vgg16-cifar, 2 ranks, $tlink"
+    done
 done
 
 for model in resnet20 vgg16-cifar; do
