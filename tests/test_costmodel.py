@@ -299,13 +299,14 @@ def test_multistep_fc_variant_sends_less_for_big_fc_layers():
     assert b.iter_s <= a.iter_s < rs.iter_s
 
 
-def test_simulation_is_fast():
-    import time
+def test_simulation_at_8192_ranks_finishes():
+    """Every strategy at 8192 ranks (the simulator's largest case) runs and
+    stays within the physical limit; how long it takes is bench/simulate.py's
+    business, not a unit test's."""
     layers = net_layers(n=60, grad=8 << 20)
-    start = time.perf_counter()
     for s in ALL:
-        cm.simulate(layers, GIGABIT, s, 8192)
-    assert time.perf_counter() - start < 5.0
+        r = cm.simulate(layers, GIGABIT, s, 8192)
+        assert r.iter_s >= cm.lower_bound(r) * (1 - 1e-9)
 
 
 def test_unknown_strategy():

@@ -335,12 +335,33 @@ def test_input_dtype_and_backward_checks():
 
 
 def test_profile_records_every_leaf():
+    """Each leaf's forward and backward time lands under its own name: a
+    layer slowed on purpose by known sleeps shows them, and only it does."""
+    import time
+
     model = models.build("digits")
     x, labels = _batch(model, 2)
+    _train_step(model, x, labels)                  # compile first: the sleeps must dominate
+    slow = dict(model.leaves())["conv2"]
+    forward, backward = slow.forward, slow.backward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    def slow_backward(*args, **kwargs):
+        time.sleep(0.03)
+        return backward(*args, **kwargs)
+
+    slow.forward, slow.backward = slow_forward, slow_backward
     with model.profile() as timings:
         _train_step(model, x, labels)
     assert set(timings) == {name for name, _ in model.leaves()}
-    assert all(calls == 1 and fwd >= 0 and bwd >= 0 for fwd, bwd, calls in timings.values())
+    assert all(calls == 1 and fwd > 0 and bwd > 0 for fwd, bwd, calls in timings.values())
+    fwd, bwd, _ = timings["conv2"]
+    assert fwd >= 0.05 and bwd >= 0.03
+    others = [t for name, t in timings.items() if name != "conv2"]
+    assert max(t[0] for t in others) < fwd and max(t[1] for t in others) < bwd
 
 
 def test_first_layer_input_gradient_is_optional():
