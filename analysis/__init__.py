@@ -1,2 +1,4 @@
-"""Analysis tools that are not needed at run time: idealised schematics of the
-strategies (`schematic`), drawn from the cost model."""
+"""Analysis of the engine, not needed at run time: the alpha-beta-gamma cost
+model and its event simulation (`costmodel`), per-layer profiles (`profile`),
+measured timelines (`plot_trace`), idealised ones (`schematic`) and
+per-strategy predictions (`predict`)."""

@@ -3,7 +3,7 @@
     python -m analysis.predict --profile bench/results/profile_resnet20_b32.json \\
         --network bench/results/netfit_1gbit.json --ranks 2 [--batch-per-rank 16]
 
-The profile (python -m engine.profile) gives each layer's forward, backward
+The profile (python -m analysis.profile) gives each layer's forward, backward
 and update time; the link file (python -m bench.netfit, or a machine file in
 bench/machines/) its alpha, beta and gamma. engine/costmodel.simulate then
 runs each strategy's hooks against the simulated progress thread and link
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine import costmodel as cm
+from analysis import costmodel as cm
 
 #: bench/step.py's defaults, which bench/model_check.py predicts too
 STEP_ENGINE = cm.Engine(chunk_bytes=1 << 20, max_inflight=4, bucket_bytes=1 << 20)
@@ -41,7 +41,7 @@ def predict(profile: cm.Profile, net: cm.Network, ranks: int, batch_per_rank: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", required=True, help="per-layer times from python -m engine.profile")
+    p.add_argument("--profile", required=True, help="per-layer times from python -m analysis.profile")
     p.add_argument("--network", required=True,
                    help="a bench.netfit result or a bench/machines/*.json file")
     p.add_argument("--ranks", type=int, default=2)

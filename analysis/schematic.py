@@ -26,8 +26,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from engine import costmodel as cm
-from engine.plot_trace import short_label
+from analysis import costmodel as cm
+from analysis.plot_trace import short_label
 
 STRATEGIES = ("blocking", "layerwise", "multistep")
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "update": "tab:olive",
@@ -81,9 +81,9 @@ def schedule(strategy: str, layers, net: cm.Network, P: int,
     Parameters
     ----------
     strategy : {"blocking", "layerwise", "multistep"}
-    layers : list of engine.costmodel.LayerCost
+    layers : list of analysis.costmodel.LayerCost
         Per-layer compute times and gradient bytes, input side first.
-    net : engine.costmodel.Network
+    net : analysis.costmodel.Network
     P : int
         Ranks (the collective times depend on it).
     iterations : int
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.schematic",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="bench/results/profile_vgg16_b2.json",
-                   help="per-layer times from python -m engine.profile")
+                   help="per-layer times from python -m analysis.profile")
     p.add_argument("--network", default="bench/results/netfit_10gbit.json",
                    help="alpha-beta-gamma of the link: a bench.netfit result or bench/machines/*.json")
     p.add_argument("--ranks", type=int, default=4)

@@ -122,7 +122,9 @@ if __name__ == "__main__":
     import sys
 
     import cnn
+    from cnn.runtime import configure
 
+    configure(progress_thread=False)    # as the throughput benchmark's process
     cnn.set_num_threads(2)
     args = sys.argv[1:]
     if "--kernels" in args:

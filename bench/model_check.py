@@ -8,14 +8,14 @@ On each link the parent launches ``mpiexec -n 2 python -m bench.model_check
 --worker`` (inside ``bench/netlink --rate R`` for an emulated link; that needs
 root, as bench/netlink says). Each worker:
 
-1. profiles the model on every rank at once (engine/profile.py's attribution),
+1. profiles the model on every rank at once (analysis/profile.py's attribution),
    so that the per-layer times are taken under the same sharing of the cores
    as the real run;
 2. for each strategy, runs bench/step.py's measurement for real (median
    iteration time of `Trainer.step`, compute-only time, one blocking
    allreduce), keeping the fastest of ``--repeats`` runs (load from other
    jobs only ever slows a run down);
-3. predicts the iteration with engine/costmodel.py from that profile and the
+3. predicts the iteration with analysis/costmodel.py from that profile and the
    link's fitted network (bench/results/netfit_<link>.json, from bench/netfit.py).
 
 The profile's total is rescaled to the compute-only time that bench/step.py
@@ -87,10 +87,10 @@ def worker(args) -> None:
     from mpi4py import MPI
 
     sys.excepthook = _abort_on_error
+    from analysis import costmodel as cm
+    from analysis.profile import profile_model
     from bench import step
     from cnn import models
-    from engine import costmodel as cm
-    from engine.profile import profile_model
 
     comm = MPI.COMM_WORLD
     model = models.build(args.model, seed=0)

@@ -48,8 +48,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from analysis import costmodel as cm
 from cnn.runtime import configure
-from engine import costmodel as cm
 from engine.exchanger import Exchanger
 
 

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from engine.profile import machine_info  # noqa: E402
+from analysis.profile import machine_info  # noqa: E402
 
 RESULTS = "bench/results"
 STRATEGIES = ["blocking", "layerwise", "bucketed", "priority", "multistep", "lazy", "ddp", "mpi4py"]
@@ -170,9 +170,9 @@ def timeline_section():
                       key=lambda p: (link_key(p.rsplit("_", 1)[1][:-4]), p))
     if not pictures:
         return []
-    lines = ["### Timelines (engine/trace.py, engine/plot_trace.py)", "",
+    lines = ["### Timelines (engine/trace.py, analysis/plot_trace.py)", "",
              "Three iterations of vgg16-cifar (global batch 64, 2 ranks) traced with `--trace` and "
-             "drawn with `python -m engine.plot_trace`: per rank, forward and backward of each layer "
+             "drawn with `python -m analysis.plot_trace`: per rank, forward and backward of each layer "
              "(labelled where the bar is wide enough), waits, and each chunk on the progress thread "
              "from post to completion. At 1 Gbit/s the step is communication-bound, at 10 Gbit/s "
              "compute-bound. Open `bench/results/trace_*.json` in Perfetto for the details.", ""]
@@ -188,7 +188,7 @@ def model_check_section(rows):
         return []
     lines = ["### Cost model: predicted vs measured iteration time (bench/model_check.py, 2 ranks)", "",
              "`python -m bench.model_check --json` (it runs each strategy for real on each link and "
-             "predicts it with `engine/costmodel.py` from the profiled layers and the fitted "
+             "predicts it with `analysis/costmodel.py` from the profiled layers and the fitted "
              "alpha-beta-gamma of `bench/netfit.py`).", "",
              "| model | link | strategy | predicted ms | measured ms | error |",
              "|---|---|---|---:|---:|---:|"]

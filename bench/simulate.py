@@ -1,5 +1,5 @@
 """Strong scaling beyond this machine: every strategy, 1 to 8192 cores, from
-the cost model (engine/costmodel.py), next to the published figures.
+the cost model (analysis/costmodel.py), next to the published figures.
 
     python -m bench.simulate                     # the published comparison: PNG + table + JSON
     python -m bench.simulate --model resnet50 --machine bench/machines/cori.json \\
@@ -8,7 +8,7 @@ the cost model (engine/costmodel.py), next to the published figures.
 Inputs
 ------
 - Per-layer forward / backward / update times of the model from
-  engine/profile.py on THIS machine (bench/results/profile_<model>_b<b>.json,
+  analysis/profile.py on THIS machine (bench/results/profile_<model>_b<b>.json,
   single thread, small batch b at 224 x 224).
 - A machine file (bench/machines/*.json): cores per node, the target core's
   peak FLOP/s, the thread-scaling model, the interconnect's alpha / beta /
@@ -63,7 +63,7 @@ import math
 import os
 from dataclasses import replace
 
-from engine import costmodel as cm
+from analysis import costmodel as cm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -127,7 +127,7 @@ def find_profile(model: str) -> str:
     paths = sorted(glob.glob(os.path.join(RESULTS, f"profile_{model}_b*.json")),
                    key=os.path.getmtime)
     if not paths:
-        raise SystemExit(f"no profile for {model}: run python -m engine.profile --model {model} "
+        raise SystemExit(f"no profile for {model}: run python -m analysis.profile --model {model} "
                          f"--batch-size-per-rank 2 -o bench/results/profile_{model}_b2.json")
     return paths[-1]
 

@@ -79,7 +79,7 @@ for tlink in "${tlinks[@]}"; do
         run_on "$tlink" "$MPIEXEC" -n 2 "$PY" -m engine.train --model vgg16-cifar --dataset synthetic \
             --synthetic-size 512 --batch-size 64 --iters 3 --strategy "$strategy" --no-progress \
             --trace "$OUT/trace_${strategy}_${tlink}.json" > /dev/null
-        "$PY" -m engine.plot_trace "$OUT/trace_${strategy}_${tlink}.json" \
+        "$PY" -m analysis.plot_trace "$OUT/trace_${strategy}_${tlink}.json" \
             -o "$OUT/timeline_${strategy}_${tlink}.png" --title "$strategy, vgg16-cifar, 2 ranks, $tlink"
     done
 done

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from analysis import costmodel as cm
 from analysis import predict, schematic
-from engine import costmodel as cm
 
 NET = cm.Network(alpha=5e-6, beta=1e-8, gamma=1e-10)
 

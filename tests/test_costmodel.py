@@ -1,4 +1,4 @@
-"""The cost model's textbook limits (engine/costmodel.py); pure Python, no MPI ranks."""
+"""The cost model's textbook limits (analysis/costmodel.py); pure Python, no MPI ranks."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import costmodel as cm
+from analysis import costmodel as cm
 
 ALL = cm.STRATEGIES + cm.MODEL_ONLY_STRATEGIES
 FREE = cm.Network(alpha=0.0, beta=0.0, gamma=0.0, poll_s=0.0)

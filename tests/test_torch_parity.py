@@ -1,7 +1,7 @@
 """Our models against the same architectures in PyTorch (optional: needs torch).
 
 The PyTorch twins are written out by hand in bench/cnn_throughput.py
-(`build_torch_model`, the modules the throughput benchmark times, so this test
+(`bench.torch_models.build_torch_model`, the modules the throughput benchmark times, so this test
 also checks that the benchmark compares like with like). Our weights are loaded
 into the twin through its state_dict - same names, same layouts - and both run
 one training-mode forward and backward on the same batch.
@@ -33,8 +33,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench.cnn_throughput import MODELS as BENCH_MODELS  # noqa: E402
-from bench.cnn_throughput import VGG_CONFIGS, build_torch_model  # noqa: E402
+from bench.torch_models import MODELS as BENCH_MODELS  # noqa: E402
+from bench.torch_models import VGG_CONFIGS, build_torch_model  # noqa: E402
 from cnn import models  # noqa: E402
 from cnn.losses import SoftmaxCrossEntropy  # noqa: E402
 from cnn.models import AdaptiveAvgPool2d  # noqa: E402

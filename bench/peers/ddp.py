@@ -3,7 +3,7 @@
     mpiexec -n 2 python -m bench.peers.ddp --model vgg16-cifar --batch-size-per-rank 32 --json
     bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.peers.ddp --model vgg16-cifar
 
-The same architecture (bench.cnn_throughput.build_torch_model), per-rank batch,
+The same architecture (bench.torch_models.build_torch_model), per-rank batch,
 rank count and threads per rank as bench/step.py, and the same fields, so the
 README table gets a `ddp` row next to each strategy:
 
@@ -44,8 +44,8 @@ def main(argv=None):
     except ImportError:
         print("bench.peers.ddp: torch is not installed (run `make torch`); skipping", file=sys.stderr)
         return 0
-    from bench.cnn_throughput import build_torch_model
     from bench.common import report, step_record
+    from bench.torch_models import build_torch_model
 
     rank = int(os.environ.get("PMI_RANK", os.environ.get("RANK", 0)))
     size = int(os.environ.get("PMI_SIZE", os.environ.get("WORLD_SIZE", 1)))

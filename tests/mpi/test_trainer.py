@@ -241,7 +241,7 @@ def test_default_cli_learns_digits_and_writes_trace_and_log():
         assert {e["pid"] for e in spans} == set(range(WORLD.size))
         categories = {e["cat"] for e in spans}
         assert {"forward", "backward", "wait", "reduce_scatter", "allgather"} <= categories
-        from engine.plot_trace import load_spans, plot
+        from analysis.plot_trace import load_spans, plot
         plot(load_spans(trace), os.path.join(root, "timeline.png"), 0, 50)
         assert os.path.getsize(os.path.join(root, "timeline.png")) > 1000
     WORLD.Barrier()

@@ -1,7 +1,7 @@
 """The alpha-beta-gamma cost model and an event simulation of every strategy
 (docs/algorithm.md §2), for any number of ranks P.
 
-    from engine import costmodel as cm
+    from analysis import costmodel as cm
     prof = cm.load_profile("bench/results/profile_resnet20_b32.json")
     net = cm.Network.from_json("bench/results/netfit_1gbit.json")
     r = cm.simulate(prof.layers, net, "priority", P=2, profile=prof)
@@ -205,10 +205,10 @@ class Engine:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One parameter layer, as measured by engine/profile.py (times in seconds).
+    """One parameter layer, as measured by analysis/profile.py (times in seconds).
 
     ``fwd_s`` and ``bwd_s`` include the parameter-free layers attributed to
-    this one (see engine/profile.py); ``param_bytes`` lists the gradient bytes
+    this one (see analysis/profile.py); ``param_bytes`` lists the gradient bytes
     of each parameter tensor (layerwise/priority post one request per tensor).
     """
 
@@ -243,7 +243,7 @@ class Profile:
 
 
 def load_profile(path: str) -> Profile:
-    """Read engine/profile.py's JSON (times in ms) into a `Profile` (times in s)."""
+    """Read analysis/profile.py's JSON (times in ms) into a `Profile` (times in s)."""
     with open(path) as f:
         d = json.load(f)
     layers = [LayerCost(name=l["name"], index=l["index"], kind=l["kind"], params=l["params"],

@@ -1,6 +1,6 @@
 """Draw a Chrome trace written by ``engine.train --trace`` as a timeline picture.
 
-    python -m engine.plot_trace trace.json -o timeline.png [--start MS] [--end MS]
+    python -m analysis.plot_trace trace.json -o timeline.png [--start MS] [--end MS]
 
 One band per (rank, thread): the layers' forward (blue) and backward (orange)
 on the compute thread, the waits for communication (red), and the chunks in
@@ -104,7 +104,7 @@ def plot(spans, output, start_ms=None, end_ms=None, title=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.plot_trace", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.plot_trace", description=__doc__.split("\n")[0])
     p.add_argument("trace", help="Chrome-trace JSON from engine.train --trace")
     p.add_argument("-o", "--output", default="timeline.png")
     p.add_argument("--start", type=float, default=None, help="window start (ms)")

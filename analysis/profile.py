@@ -1,6 +1,6 @@
 """Per-layer profile of one training iteration: the cost model's compute input.
 
-    python -m engine.profile --model resnet20 --batch-size-per-rank 32 --iters 5 \\
+    python -m analysis.profile --model resnet20 --batch-size-per-rank 32 --iters 5 \\
         -o bench/results/profile_resnet20_b32.json
 
 For each parameter layer i of ``model.layers`` (forward order) it writes the
@@ -58,7 +58,7 @@ __all__ = ["forward_flops", "machine_info", "profile_model", "sgemm_gflops"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.profile", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet20", choices=list(models.MODELS))
     p.add_argument("--batch-size-per-rank", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
