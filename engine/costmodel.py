@@ -420,7 +420,11 @@ class AutoThresholds:
             if key.strip() not in ("recursive_doubling_below", "ring_from") or not value:
                 raise ValueError(f"bad auto threshold {item!r}: expected "
                                  "recursive_doubling_below=BYTES and/or ring_from=BYTES")
-            values[key.strip()] = float(value)
+            try:
+                values[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"bad auto threshold {item!r}: {value!r} is not a number "
+                                 "of bytes (inf for never)") from None
         return cls(**values)
 
 

@@ -77,6 +77,31 @@ def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int,
     return (zlib.crc32(text) << 20) ^ (count & 0xFFFFF)
 
 
+def _auto_thresholds(network, fixed, size: int):
+    """``algorithm="auto"``'s thresholds: `fixed` (or $EXCHANGER_AUTO_THRESHOLDS) if
+    given, else computed by the cost model from the link's netfit for `size` ranks."""
+    # imported here, not at the top: costmodel imports the strategies, which import us
+    from engine import costmodel as cm
+    fixed = fixed or os.environ.get("EXCHANGER_AUTO_THRESHOLDS")
+    if isinstance(fixed, cm.AutoThresholds):
+        return fixed
+    if isinstance(fixed, str):
+        return cm.AutoThresholds.parse(fixed)
+    if isinstance(fixed, dict):
+        return cm.AutoThresholds(**fixed)
+    if fixed is not None:
+        raise TypeError(f"auto_thresholds must be a str, dict or AutoThresholds, "
+                        f"got {type(fixed).__name__}")
+    net = network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
+    if not isinstance(net, cm.Network):
+        if not os.path.exists(net):
+            raise FileNotFoundError(
+                f'algorithm="auto" needs the link\'s fitted alpha-beta-gamma: {net} does not '
+                "exist. Run bench/netfit.py, or pass network= or auto_thresholds= to the Exchanger")
+        net = cm.Network.from_json(net)
+    return cm.auto_thresholds(net, size)
+
+
 def _check_array(name: str, a, *, writable: bool) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -227,6 +252,11 @@ class Exchanger:
         base = MPI.COMM_WORLD if comm is None else comm
         if not isinstance(base, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
+        self.algorithm = self._check_algorithm(algorithm)
+        self._network, self._auto_thresholds = network, auto_thresholds
+        self._auto = None          # AutoThresholds, computed at the first "auto" request
+        if self.algorithm == "auto":
+            self._auto = _auto_thresholds(network, auto_thresholds, base.Get_size())
         self._comm = base.Dup()
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.size = self._comm.Get_size()
@@ -235,9 +265,6 @@ class Exchanger:
         self.max_inflight = int(max_inflight)
         self.poll_us = int(poll_us)
         self.close_timeout = float(close_timeout)
-        self.algorithm = self._check_algorithm(algorithm)
-        self._network, self._auto_thresholds = network, auto_thresholds
-        self._auto = None          # AutoThresholds, computed at the first "auto" request
         self._partition_cache: dict[int, list[tuple[int, int]]] = {}
         self._pending: dict[int, object] = {}       # seq -> C request (keeps buffers alive)
         self._lock = threading.Lock()
@@ -293,32 +320,11 @@ class Exchanger:
     def auto(self):
         """The thresholds ``algorithm="auto"`` uses (a costmodel.AutoThresholds; print it).
 
-        Computed once from `network` for this communicator's size, unless
+        Computed from `network` for this communicator's size, unless
         `auto_thresholds` (or $EXCHANGER_AUTO_THRESHOLDS) fixes them.
         """
         if self._auto is None:
-            # imported here, not at the top: costmodel imports the strategies, which import us
-            from engine import costmodel as cm
-            fixed = self._auto_thresholds or os.environ.get("EXCHANGER_AUTO_THRESHOLDS")
-            if isinstance(fixed, cm.AutoThresholds):
-                self._auto = fixed
-            elif isinstance(fixed, str):
-                self._auto = cm.AutoThresholds.parse(fixed)
-            elif isinstance(fixed, dict):
-                self._auto = cm.AutoThresholds(**fixed)
-            elif fixed is not None:
-                raise TypeError(f"auto_thresholds must be a str, dict or AutoThresholds, "
-                                f"got {type(fixed).__name__}")
-            else:
-                net = self._network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
-                if not isinstance(net, cm.Network):
-                    if not os.path.exists(net):
-                        raise FileNotFoundError(
-                            f'algorithm="auto" needs the link\'s fitted alpha-beta-gamma: {net} '
-                            "does not exist. Run bench/netfit.py, or pass network= or "
-                            "auto_thresholds= to the Exchanger")
-                    net = cm.Network.from_json(net)
-                self._auto = cm.auto_thresholds(net, self.size)
+            self._auto = _auto_thresholds(self._network, self._auto_thresholds, self.size)
         return self._auto
 
     def reduce_scatter_async(self, array: np.ndarray, out: np.ndarray, *, op: str = "mean",
