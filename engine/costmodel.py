@@ -34,14 +34,21 @@ Two parts, both pure Python:
    The thresholds are MPICH's classic defaults (MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
    = 2048, MPIR_CVAR_REDSCAT_COMMUTATIVE_LONG_MSG_SIZE = 524288,
    MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE = 81920; MPICH 3.x ``mpir_cvars``); they are
-   fields of `Network`, so a machine file can override them. Non-power-of-two
-   P costs MPICH one extra step; the model ignores it.
+   fields of `Network`, so a machine file can override them. For a P that is
+   not a power of two, MPICH's allreduce first folds the extra ranks into
+   their neighbours and finally sends them the result: lg is then taken of
+   P', the largest power of two <= P, plus 2 alpha + 2 n beta + n gamma
+   (`_fold`); the ring needs no fold. The engine's own allreduce algorithms
+   (``Exchanger(algorithm=...)``: recursive doubling, ring, and "auto", which
+   picks one per request by `AutoThresholds`) are costed by
+   `algorithm_time`; docs/allreduce_algorithms.md.
 
 2. **This engine's overheads and an event simulation.** The progress thread
    (ext/_progress.pyx) admits a request only after a negotiation round (a
    272-byte MIN-allreduce plus a poll delay, `Network.round_s`), splits
    allreduces into chunks of `Engine.chunk_bytes` (reduce-scatters and
-   allgathers are one chunk), keeps at most `Engine.max_inflight` chunks
+   allgathers too, along each rank's slice: `Channel.chunk_sizes`), runs an
+   allreduce with `Engine.algorithm`, keeps at most `Engine.max_inflight` chunks
    posted (the credit), and posts the next chunk, lowest (priority, sequence)
    first, one round after a slot frees. Each posted chunk costs
    `Network.chunk_overhead_s` + `Network.chunk_beta` per byte on top of its
