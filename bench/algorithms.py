@@ -22,7 +22,10 @@ The JSON (--json on stdout, --json-out to a file) is a list of
 {link, algorithm, bytes, ranks, t_ms} (auto's rows add "chose"); the
 markdown table adds auto / best and auto / mpi, the ratios of the target
 (auto within 5 % of the best fixed algorithm, never more than 5 % slower
-than mpi). The default run takes about 3 minutes at 2 ranks on loopback.
+than mpi), and the thresholds the measurements themselves suggest (the
+model's rule applied to the measured times; pass them back with
+--thresholds to check them). The default run takes about 3 minutes at 2
+ranks on loopback.
 """
 
 import argparse
@@ -117,6 +120,22 @@ def table(rows, link, ranks, auto):
     return "\n".join(lines)
 
 
+def measured_thresholds(rows):
+    """auto's thresholds as this run measured them, for --thresholds / $EXCHANGER_AUTO_THRESHOLDS:
+    recursive doubling up to the first size where another fixed algorithm beat it, the ring
+    from the size on which it stayed the fastest (the model's rule, applied to measurements)."""
+    t = {(r["bytes"], r["algorithm"]): r["t_ms"] for r in rows}
+    sizes = sorted({r["bytes"] for r in rows})
+    best = {n: min(FIXED, key=lambda a: t[n, a]) for n in sizes}
+    rd_below = next((n for n in sizes if best[n] != "recursive_doubling"), sizes[-1] + 1)
+    ring_from = "inf"
+    for n in reversed(sizes):
+        if best[n] != "ring" or n < rd_below:
+            break
+        ring_from = n
+    return f"recursive_doubling_below={rd_below},ring_from={ring_from}"
+
+
 def plot(rows, path, link, ranks):
     import matplotlib
     matplotlib.use("Agg")
@@ -155,7 +174,7 @@ def main(argv=None):
             print(auto, flush=True)
         for nbytes in sizes:
             times = measure(ex, nbytes, args)
-            chose = ex._algorithm_for(nbytes, "auto")
+            chose = ex.algorithm_for(nbytes, "auto")
             for a in ALGORITHMS:
                 row = {"link": args.link, "algorithm": a, "bytes": nbytes, "ranks": COMM.size,
                        "t_ms": round(1e3 * times[a], 4)}
@@ -165,6 +184,8 @@ def main(argv=None):
     if COMM.rank != 0:
         return 0
     text = table(rows, args.link, COMM.size, auto)
+    text += ("\n\nThresholds this run measured (rerun with --thresholds, or set "
+             f"EXCHANGER_AUTO_THRESHOLDS): {measured_thresholds(rows)}")
     if args.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
         with open(args.json_out, "w") as f:

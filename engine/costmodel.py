@@ -509,7 +509,7 @@ class Channel:
         self.log: list | None = []       # (label, start, end) when tracing
 
     def allreduce_algorithm(self, nbytes: float) -> str:
-        """The algorithm the engine runs an allreduce of `nbytes` with (Exchanger._algorithm_for)."""
+        """The algorithm the engine runs an allreduce of `nbytes` with (Exchanger.algorithm_for)."""
         if self.engine.algorithm != "auto":
             return self.engine.algorithm
         return self.auto.choose(min(nbytes, self.engine.chunk_bytes))

@@ -311,10 +311,20 @@ class Exchanger:
         """
         _check_array("array", array, writable=True)
         self._check_op(op)
-        algorithm = self._algorithm_for(array.nbytes, self.algorithm if algorithm is None
-                                        else self._check_algorithm(algorithm))
+        algorithm = self.algorithm_for(array.nbytes, algorithm)
         return self._post("allreduce", array, None, array.size, op, priority, (array,),
                           algorithm=algorithm)
+
+    def algorithm_for(self, nbytes: int, algorithm: str | None = None) -> str:
+        """The algorithm an allreduce of `nbytes` bytes runs with: `algorithm` (default
+        the exchanger's), "auto" resolved by the bytes of its chunk (all chunks but the
+        last are chunk_bytes). One rank has nothing to exchange: always "mpi"."""
+        algorithm = self.algorithm if algorithm is None else self._check_algorithm(algorithm)
+        if self.size == 1:
+            return "mpi"
+        if algorithm == "auto":
+            return self.auto.choose(min(nbytes, self.chunk_bytes))
+        return algorithm
 
     @property
     def auto(self):
@@ -408,15 +418,6 @@ class Exchanger:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown allreduce algorithm {algorithm!r}; expected one of "
                              f"{ALGORITHMS}")
-        return algorithm
-
-    def _algorithm_for(self, nbytes: int, algorithm: str) -> str:
-        """Resolve "auto" for an allreduce of `nbytes` (by its chunk: all chunks but the
-        last are chunk_bytes). One rank has nothing to exchange: "mpi"."""
-        if self.size == 1:
-            return "mpi"
-        if algorithm == "auto":
-            return self.auto.choose(min(nbytes, self.chunk_bytes))
         return algorithm
 
     @staticmethod
