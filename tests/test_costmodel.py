@@ -120,6 +120,19 @@ def test_auto_thresholds_parse_and_print():
         cm.AutoThresholds.parse("rd=5")
 
 
+@pytest.mark.parametrize("P", [2, 3, 8])
+def test_simulation_runs_the_algorithm_the_engine_runs(P):
+    layers = net_layers(grad=4096)              # 8 x 4 KiB: one 32 KiB allreduce when blocking
+    net = cm.Network(alpha=5e-6, beta=1e-9, gamma=1e-10, poll_s=0.0)
+    comm = {a: cm.blocking_comm_time(layers, net, P, cm.Engine(chunk_bytes=1 << 30, algorithm=a))
+            for a in cm.ALLREDUCE_ALGORITHMS}
+    for a in ("mpi", "recursive_doubling", "ring"):
+        assert comm[a] == pytest.approx(net.round_s(P) + cm.algorithm_time(32768, P, net, a))
+    assert comm["auto"] == pytest.approx(min(comm[a] for a in ("mpi", "recursive_doubling", "ring")))
+    with pytest.raises(ValueError, match="unknown allreduce algorithm"):
+        cm.Channel(net, P, cm.Engine(algorithm="butterfly"))
+
+
 def test_engine_chunks_reduce_scatter_and_allgather_like_allreduce():
     """ext/_progress.pyx: chunk c is piece c of every rank's slice, chunk_bytes / 4 / P each."""
     channel = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=1 << 20))
