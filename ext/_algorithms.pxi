@@ -243,3 +243,29 @@ cdef int next_step(engine_t* e, int k) noexcept nogil:
     if rc != 1:
         record_mpi_error(r, b"posting an algorithm step", rc)
     return 0
+
+
+def algorithm_steps(int algorithm, int rank, int size, long long n):
+    """The steps `rank` runs for one chunk of n elements (tests and teaching).
+
+    Returns a list of (send_to, send_offset, send_count, recv_from,
+    recv_offset, recv_count, add, received_is_lower) tuples, -1 for no peer;
+    tests/test_algorithm_steps.py replays them for many P without MPI.
+    """
+    cdef request_t r
+    cdef engine_t e
+    cdef step_t s
+    cdef int step = 0
+    if algorithm not in (ALGORITHM_RECURSIVE_DOUBLING, ALGORITHM_RING):
+        raise ValueError(f"no steps for algorithm code {algorithm}: only ours have them")
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} outside [0, {size})")
+    r.algorithm = algorithm
+    e.rank = rank
+    e.size = size
+    steps = []
+    while not plan_step(&e, &r, n, step, &s):
+        steps.append((s.send_to, s.send_offset, s.send_count, s.recv_from, s.recv_offset,
+                      s.recv_count, s.add, s.received_is_lower))
+        step += 1
+    return steps
