@@ -34,14 +34,21 @@ Two parts, both pure Python:
    The thresholds are MPICH's classic defaults (MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
    = 2048, MPIR_CVAR_REDSCAT_COMMUTATIVE_LONG_MSG_SIZE = 524288,
    MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE = 81920; MPICH 3.x ``mpir_cvars``); they are
-   fields of `Network`, so a machine file can override them. Non-power-of-two
-   P costs MPICH one extra step; the model ignores it.
+   fields of `Network`, so a machine file can override them. For a P that is
+   not a power of two, MPICH's allreduce first folds the extra ranks into
+   their neighbours and finally sends them the result: lg is then taken of
+   P', the largest power of two <= P, plus 2 alpha + 2 n beta + n gamma
+   (`_fold`); the ring needs no fold. The engine's own allreduce algorithms
+   (``Exchanger(algorithm=...)``: recursive doubling, ring, and "auto", which
+   picks one per request by `AutoThresholds`) are costed by
+   `algorithm_time`; docs/allreduce_algorithms.md.
 
 2. **This engine's overheads and an event simulation.** The progress thread
    (ext/_progress.pyx) admits a request only after a negotiation round (a
    272-byte MIN-allreduce plus a poll delay, `Network.round_s`), splits
    allreduces into chunks of `Engine.chunk_bytes` (reduce-scatters and
-   allgathers are one chunk), keeps at most `Engine.max_inflight` chunks
+   allgathers too, along each rank's slice: `Channel.chunk_sizes`), runs an
+   allreduce with `Engine.algorithm`, keeps at most `Engine.max_inflight` chunks
    posted (the credit), and posts the next chunk, lowest (priority, sequence)
    first, one round after a slot frees. Each posted chunk costs
    `Network.chunk_overhead_s` + `Network.chunk_beta` per byte on top of its
@@ -97,11 +104,12 @@ from dataclasses import dataclass, field, replace
 
 from engine.strategies.bucketed import bucket_indices
 
-__all__ = ["FC_MODES", "FC_WEIGHT_GRAD_SHARE", "MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel",
-           "Engine", "LayerCost", "Network", "Profile", "Result", "allgather_time",
-           "allreduce_time", "alltoall_time", "blocking_comm_time", "fc_path", "form_buckets",
-           "load_profile", "lower_bound", "reduce_scatter_time", "scale_layers", "sent_bytes",
-           "simulate"]
+__all__ = ["ALLREDUCE_ALGORITHMS", "AutoThresholds", "FC_MODES", "FC_WEIGHT_GRAD_SHARE",
+           "MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
+           "Profile", "Result", "algorithm_time", "allgather_time", "allreduce_time",
+           "alltoall_time", "auto_thresholds", "blocking_comm_time", "fc_path", "form_buckets",
+           "load_profile", "lower_bound", "recursive_doubling_time", "reduce_scatter_time",
+           "ring_time", "scale_layers", "sent_bytes", "simulate"]
 
 #: strategies the engine implements (engine/strategies/*.py)
 STRATEGIES = ("blocking", "layerwise", "bucketed", "priority", "multistep")
@@ -201,6 +209,11 @@ class Engine:
     chunk_bytes: int = 1 << 20
     max_inflight: int = 4
     bucket_bytes: int = 1 << 20
+    #: Exchanger(algorithm=...): one of ALLREDUCE_ALGORITHMS
+    algorithm: str = "mpi"
+    #: "auto"'s thresholds; None: the model's own (`auto_thresholds(net, P)`),
+    #: as the Exchanger computes them from the same netfit file
+    auto: AutoThresholds | None = None
 
 
 @dataclass(frozen=True)
@@ -275,15 +288,45 @@ def _lg(P: int) -> int:
     return math.ceil(math.log2(P)) if P > 1 else 0
 
 
+def _fold(nbytes: float, P: int, net: Network) -> tuple[int, float]:
+    """(P', seconds): the largest power of two P' <= P, and what folding the other
+    P - P' ranks in and out costs (their whole vector in, added; the result back)."""
+    pof2 = 1 << (P.bit_length() - 1)
+    if pof2 == P:
+        return P, 0.0
+    return pof2, 2 * net.alpha + nbytes * (2 * net.beta + net.gamma)
+
+
 def allreduce_time(nbytes: float, P: int, net: Network) -> float:
     """Seconds for an MPI allreduce of `nbytes` bytes over P ranks (see module table)."""
     if P <= 1 or nbytes <= 0:
         return 0.0
     if nbytes < net.allreduce_short_bytes:
-        return _lg(P) * (net.alpha + nbytes * (net.beta + net.gamma))
+        return recursive_doubling_time(nbytes, P, net)
+    if net.allreduce_large == "ring":
+        return ring_time(nbytes, P, net)
+    pof2, fold = _fold(nbytes, P, net)
+    frac = (pof2 - 1) / pof2
+    return (2 * _lg(pof2) * net.alpha + 2 * frac * nbytes * net.beta + frac * nbytes * net.gamma
+            + fold)
+
+
+def recursive_doubling_time(nbytes: float, P: int, net: Network) -> float:
+    """Recursive doubling (MPICH's short allreduce; the engine's "recursive_doubling"):
+    lg P' (alpha + n beta + n gamma) plus the fold of the other P - P' ranks."""
+    if P <= 1 or nbytes <= 0:
+        return 0.0
+    pof2, fold = _fold(nbytes, P, net)
+    return _lg(pof2) * (net.alpha + nbytes * (net.beta + net.gamma)) + fold
+
+
+def ring_time(nbytes: float, P: int, net: Network) -> float:
+    """Ring reduce-scatter + ring allgather (the engine's "ring"), any P:
+    2 (P-1) alpha + 2 (P-1)/P n beta + (P-1)/P n gamma."""
+    if P <= 1 or nbytes <= 0:
+        return 0.0
     frac = (P - 1) / P
-    latency = 2 * (P - 1) * net.alpha if net.allreduce_large == "ring" else 2 * _lg(P) * net.alpha
-    return latency + 2 * frac * nbytes * net.beta + frac * nbytes * net.gamma
+    return 2 * (P - 1) * net.alpha + 2 * frac * nbytes * net.beta + frac * nbytes * net.gamma
 
 
 def reduce_scatter_time(nbytes: float, P: int, net: Network) -> float:
@@ -311,20 +354,119 @@ def alltoall_time(nbytes_per_rank: float, P: int, net: Network) -> float:
     return (P - 1) * net.alpha + (P - 1) / P * nbytes_per_rank * net.beta
 
 
-def sent_bytes(kind: str, nbytes: float, P: int, net: Network) -> float:
+def sent_bytes(kind: str, nbytes: float, P: int, net: Network, algorithm: str = "mpi") -> float:
     """Bytes one rank sends for one collective (the byte count of its beta term above).
 
     `nbytes` as for the time functions: the whole vector, or for ``alltoall``
-    what each rank holds.
+    what each rank holds. `algorithm` (allreduce only) as in `algorithm_time`.
     """
     if P <= 1 or nbytes <= 0:
         return 0.0
     frac = (P - 1) / P
     if kind == "allreduce":
-        return _lg(P) * nbytes if nbytes < net.allreduce_short_bytes else 2 * frac * nbytes
+        if algorithm == "ring" or (algorithm == "mpi" and nbytes >= net.allreduce_short_bytes):
+            return 2 * frac * nbytes
+        pof2 = 1 << (P.bit_length() - 1)     # recursive doubling, plus the fold's result
+        return _lg(pof2) * nbytes + (nbytes if pof2 != P else 0.0)
     if kind in ("reduce_scatter", "allgather", "alltoall"):
         return frac * nbytes
     raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------
+# Which allreduce algorithm the engine runs (Exchanger(algorithm=...))
+# ---------------------------------------------------------------------------
+
+#: Exchanger's ``algorithm`` values: "mpi" is MPI_Iallreduce (MPICH chooses),
+#: the next two are the progress thread's own (ext/_algorithms.pxi), "auto"
+#: picks one of the three per request with `AutoThresholds`.
+ALLREDUCE_ALGORITHMS = ("auto", "mpi", "recursive_doubling", "ring")
+
+
+def algorithm_time(nbytes: float, P: int, net: Network, algorithm: str) -> float:
+    """Seconds for one allreduce of `nbytes` bytes run by `algorithm` (not "auto")."""
+    if algorithm == "mpi":
+        return allreduce_time(nbytes, P, net)
+    if algorithm == "recursive_doubling":
+        return recursive_doubling_time(nbytes, P, net)
+    if algorithm == "ring":
+        return ring_time(nbytes, P, net)
+    raise ValueError(f"unknown allreduce algorithm {algorithm!r}; expected one of "
+                     f"{ALLREDUCE_ALGORITHMS[1:]} (resolve 'auto' with AutoThresholds.choose)")
+
+
+@dataclass(frozen=True)
+class AutoThresholds:
+    """How ``algorithm="auto"`` picks, by the bytes of a request's chunk.
+
+    chunk < recursive_doubling_below: "recursive_doubling"; chunk >= ring_from:
+    "ring"; otherwise "mpi". Every rank must hold the same thresholds (the
+    chosen algorithm is part of the cross-rank signature check, so a mismatch
+    fails the request on every rank rather than hanging).
+    """
+
+    recursive_doubling_below: float = 0.0
+    ring_from: float = math.inf
+
+    def choose(self, chunk_bytes: float) -> str:
+        if chunk_bytes < self.recursive_doubling_below:
+            return "recursive_doubling"
+        if chunk_bytes >= self.ring_from:
+            return "ring"
+        return "mpi"
+
+    def __str__(self) -> str:
+        def show(b):
+            return "never" if b == math.inf else f"{int(b)} B"
+        return (f"auto: recursive_doubling below {show(self.recursive_doubling_below)}, "
+                f"ring from {show(self.ring_from)}, mpi in between")
+
+    @classmethod
+    def parse(cls, text: str) -> AutoThresholds:
+        """From "recursive_doubling_below=65536,ring_from=inf" (the EXCHANGER_AUTO_THRESHOLDS form)."""
+        values = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            if key.strip() not in ("recursive_doubling_below", "ring_from") or not value:
+                raise ValueError(f"bad auto threshold {item!r}: expected "
+                                 "recursive_doubling_below=BYTES and/or ring_from=BYTES")
+            try:
+                values[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"bad auto threshold {item!r}: {value!r} is not a number "
+                                 "of bytes (inf for never)") from None
+        return cls(**values)
+
+
+def auto_thresholds(net: Network, P: int) -> AutoThresholds:
+    """The thresholds at which the model's cheapest algorithm changes, for P ranks.
+
+    The three costs (`algorithm_time`) are compared on a grid of chunk sizes
+    (8 B .. 1 GiB, 16 points per doubling); ties go to "mpi". Recursive
+    doubling wins below some size (fewest messages, but it sends the whole
+    chunk lg P times); the ring wins from some size on only where MPICH's
+    algorithm pays for folding a non-power-of-two P (the ring needs none).
+    """
+    if P <= 1:
+        return AutoThresholds()
+    grid = [8 * 2 ** (i / 16) for i in range(16 * 27 + 1)]
+    times = [{a: algorithm_time(n, P, net, a) for a in ("mpi", "recursive_doubling", "ring")}
+             for n in grid]
+    # Recursive doubling up to the first size where it is strictly slower than
+    # another (below MPICH's short threshold "mpi" is the same algorithm: a tie).
+    rd_below = 0.0
+    for n, t in zip(grid, times):
+        if t["recursive_doubling"] > min(t.values()):
+            break
+        rd_below = n * 2 ** (1 / 16)
+    # The ring from the size on which it stays strictly the fastest.
+    ring_from = math.inf
+    for n, t in zip(reversed(grid), reversed(times)):
+        if n < rd_below or t["ring"] >= min(t["mpi"], t["recursive_doubling"]):
+            break
+        ring_from = n
+    return AutoThresholds(math.ceil(rd_below), ring_from if ring_from == math.inf
+                          else math.ceil(ring_from))
 
 
 # ---------------------------------------------------------------------------
@@ -353,6 +495,12 @@ class Channel:
 
     def __init__(self, net: Network, P: int, engine: Engine):
         self.net, self.P, self.engine = net, P, engine
+        if engine.algorithm not in ALLREDUCE_ALGORITHMS:
+            raise ValueError(f"unknown allreduce algorithm {engine.algorithm!r}; expected one "
+                             f"of {ALLREDUCE_ALGORITHMS}")
+        self.auto = engine.auto
+        if engine.algorithm == "auto" and self.auto is None:
+            self.auto = auto_thresholds(net, P)
         self.round_s = net.round_s(P)
         self.slots = [0.0] * max(1, engine.max_inflight)   # heap of slot-free times
         self.waiting: deque = deque()    # requests not yet admitted (admission is FIFO)
@@ -363,9 +511,35 @@ class Channel:
         self.sent_bytes = 0.0            # bytes this rank sends (all requests posted)
         self.log: list | None = []       # (label, start, end) when tracing
 
-    def chunk_time(self, kind: str, nbytes: float) -> float:
+    def allreduce_algorithm(self, nbytes: float) -> str:
+        """The algorithm the engine runs an allreduce of `nbytes` with (Exchanger.algorithm_for)."""
+        if self.engine.algorithm != "auto":
+            return self.engine.algorithm
+        return self.auto.choose(min(nbytes, self.engine.chunk_bytes))
+
+    def chunk_sizes(self, kind: str, nbytes: float) -> list:
+        """Bytes of the whole vector moved by each chunk the engine posts (Engine.enqueue).
+
+        An allreduce is cut into chunks of chunk_bytes. A reduce-scatter or
+        allgather is cut along each rank's slice (4-byte elements): chunk c
+        is piece c, of chunk_bytes / 4 / P elements, of every rank's slice,
+        so it too moves about chunk_bytes in all.
+        """
+        cb = self.engine.chunk_bytes
         if kind == "allreduce":
-            t = allreduce_time(nbytes, self.P, self.net)
+            n_chunks = max(1, math.ceil(nbytes / cb))
+            return [cb] * (n_chunks - 1) + [nbytes - cb * (n_chunks - 1)]
+        if kind in ("reduce_scatter", "allgather"):
+            piece = 4 * max(1, cb // 4 // self.P)               # bytes of one rank's piece
+            largest_slice = 4 * math.ceil(nbytes / 4 / self.P)   # rank 0's (partition)
+            n_chunks = max(1, math.ceil(largest_slice / piece))
+            return [piece * self.P] * (n_chunks - 1) + [
+                max(0.0, nbytes - piece * self.P * (n_chunks - 1))]
+        return [nbytes]
+
+    def chunk_time(self, kind: str, nbytes: float, algorithm: str = "mpi") -> float:
+        if kind == "allreduce":
+            t = algorithm_time(nbytes, self.P, self.net, algorithm)
         elif kind == "reduce_scatter":
             t = reduce_scatter_time(nbytes, self.P, self.net)
         elif kind == "allgather":
@@ -383,14 +557,10 @@ class Channel:
         self.advance(t)
         if self.P <= 1:
             return _Request(self.seq, priority, [], t, label)
-        if kind == "allreduce":
-            n_chunks = max(1, math.ceil(nbytes / self.engine.chunk_bytes))
-            sizes = [self.engine.chunk_bytes] * (n_chunks - 1)
-            sizes.append(nbytes - self.engine.chunk_bytes * (n_chunks - 1))
-        else:
-            sizes = [nbytes]
-        chunks = [self.chunk_time(kind, s) for s in sizes]
-        self.sent_bytes += sum(sent_bytes(kind, s, self.P, self.net) for s in sizes)
+        sizes = self.chunk_sizes(kind, nbytes)
+        algorithm = self.allreduce_algorithm(nbytes) if kind == "allreduce" else "mpi"
+        chunks = [self.chunk_time(kind, s, algorithm) for s in sizes]
+        self.sent_bytes += sum(sent_bytes(kind, s, self.P, self.net, algorithm) for s in sizes)
         r = _Request(self.seq, priority, chunks, t + self.round_s, label)
         self.seq += 1
         self.waiting.append(r)          # enqueue times never decrease: FIFO by admission

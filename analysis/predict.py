@@ -5,7 +5,7 @@
 
 The profile (python -m analysis.profile) gives each layer's forward, backward
 and update time; the link file (python -m bench.netfit, or a machine file in
-bench/machines/) its alpha, beta and gamma. engine/costmodel.simulate then
+bench/machines/) its alpha, beta and gamma. analysis/costmodel.simulate then
 runs each strategy's hooks against the simulated progress thread and link
 (docs/algorithm.md §2). Times scale linearly with the per-rank batch, a
 first-order approximation. The engine is configured as bench/step.py runs

@@ -7,7 +7,7 @@
 Before reading a measured trace (noisy, hundreds of chunks), a reader should
 see the idea: per strategy, one lane for the compute thread and one for the
 link, two iterations, every bar labelled with its layer. The schedule here is
-deliberately simpler than engine/costmodel.simulate (no negotiation round,
+deliberately simpler than analysis/costmodel.simulate (no negotiation round,
 no chunks, no credit, one collective per layer); the collective times are the
 cost model's alpha-beta-gamma formulas (docs/algorithm.md §2).
 

@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--links", default="loopback,1gbit,10gbit",
                    help="comma-separated: loopback or a bench/netlink rate such as 1gbit")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--algorithm", default="mpi",
+                   help="the exchanger's allreduce algorithm (mpi, recursive_doubling, ring, "
+                        "auto: thresholds from the link's netfit file, as the model's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="bench/step.py runs per strategy; the fastest is kept")
     p.add_argument("--netfit-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -120,9 +123,12 @@ def worker(args) -> None:
         np.isfinite(grads.sum(dtype=np.float64))
     check_s = (time.perf_counter() - start) / 3 / grads.nbytes
     profile = cm.Profile(layers, args.batch_size_per_rank, bn_bytes, copy_s, check_s)
+    # "auto" in the engine reads the same fit the model uses
+    os.environ["EXCHANGER_NETFIT"] = os.path.join(args.netfit_dir, f"netfit_{args.link}.json")
     with open(os.path.join(args.netfit_dir, f"netfit_{args.link}.json")) as f:
         net = cm.Network.from_dict(json.load(f)["network"])
-    engine = cm.Engine(chunk_bytes=1 << 20, max_inflight=4, bucket_bytes=1 << 20)
+    engine = cm.Engine(chunk_bytes=1 << 20, max_inflight=4, bucket_bytes=1 << 20,
+                       algorithm=args.algorithm)
     profile_compute = sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
     names = args.strategies.split(",")
     _run_step(step, args, names[0])      # untimed: first-run effects (threads, page faults)
@@ -143,7 +149,8 @@ def worker(args) -> None:
         load = loads[name]
         pred = cm.simulate(scaled, net, name, comm.size, engine=engine, profile=scaled_profile)
         raw = cm.simulate(layers, net, name, comm.size, engine=engine, profile=profile)
-        row = {"model": args.model, "strategy": name, "link": args.link, "ranks": comm.size,
+        row = {"model": args.model, "strategy": name, "algorithm": args.algorithm,
+               "link": args.link, "ranks": comm.size,
                "batch_per_rank": args.batch_size_per_rank,
                "predicted_ms": round(pred.iter_s * 1e3, 3),
                "measured_ms": measured["iter_ms"],
@@ -172,7 +179,8 @@ def _run_step(step, args, name) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         return step.main(["--model", args.model, "--strategy", name,
                           "--batch-size-per-rank", str(args.batch_size_per_rank),
-                          "--iters", str(args.iters), "--warmup", str(args.warmup), "--json"])
+                          "--iters", str(args.iters), "--warmup", str(args.warmup),
+                          "--algorithm", args.algorithm, "--json"])
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def run_link(args, link: str) -> list[dict]:
            "--worker", "--link", link, "--model", args.model,
            "--batch-size-per-rank", str(args.batch_size_per_rank), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--strategies", args.strategies,
-           "--repeats", str(args.repeats),
+           "--repeats", str(args.repeats), "--algorithm", args.algorithm,
            "--netfit-dir", args.netfit_dir]
     if link != "loopback":
         cmd = [os.path.join(ROOT, "bench", "netlink"), "--rate", link, "--"] + cmd

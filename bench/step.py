@@ -33,7 +33,7 @@ from cnn.data import SyntheticDataset
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
 from cnn.runtime import configure
-from engine.exchanger import Exchanger
+from engine.exchanger import ALGORITHMS, Exchanger
 from engine.strategies import STRATEGIES
 from engine.trainer import Trainer
 
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--poll-us", type=int, default=200)
     p.add_argument("--fc-mode", default="auto", choices=("activations", "reduce_scatter", "auto"))
+    p.add_argument("--algorithm", default="mpi", choices=ALGORITHMS,
+                   help="the exchanger's allreduce algorithm (auto: $EXCHANGER_NETFIT's link)")
     args = p.parse_args(argv)
     if args.model not in models.MODELS:
         p.error(f"unknown --model {args.model!r}; choose from {', '.join(models.MODELS)}")
@@ -81,11 +83,12 @@ def compute_only(model, data, warmup):
     return times
 
 
-def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5):
+def blocking_allreduce(n, comm, chunk_bytes, max_inflight, reps=5, algorithm="mpi"):
     """Median ms of one allreduce of n float32 values through the exchanger."""
     buffer = np.ones(n, np.float32)
     times = []
-    with Exchanger(comm, chunk_bytes=chunk_bytes, max_inflight=max_inflight) as ex:
+    with Exchanger(comm, chunk_bytes=chunk_bytes, max_inflight=max_inflight,
+                   algorithm=algorithm) as ex:
         for _ in range(reps + 1):
             comm.Barrier()
             start = time.monotonic()
@@ -104,7 +107,7 @@ def main(argv=None):
     # shared machine the speed drifts, and one side alone would bias the difference.
     compute_times = compute_only(model, data, args.warmup)
     comm_ms = blocking_allreduce(model.num_parameters(), comm, args.chunk_bytes,
-                                 args.max_inflight)
+                                 args.max_inflight, algorithm=args.algorithm)
 
     model = models.build(args.model, seed=0)
     options = {"bucket_bytes": args.bucket_bytes} if args.strategy == "bucketed" else {}
@@ -113,7 +116,7 @@ def main(argv=None):
     iter_times, stats0 = [], None
     with Trainer(model, SGD(model.parameters(), lr=0.01, momentum=0.9), args.strategy, comm,
                  chunk_bytes=args.chunk_bytes, max_inflight=args.max_inflight,
-                 poll_us=args.poll_us, **options) as trainer:
+                 poll_us=args.poll_us, algorithm=args.algorithm, **options) as trainer:
         comm.Barrier()
         for k, (x, y) in enumerate(data):
             if k == args.warmup:

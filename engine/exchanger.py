@@ -15,6 +15,7 @@ MPI is done with it, and turns C-level failures into Python exceptions.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import weakref
 import zlib
@@ -24,11 +25,17 @@ from mpi4py import MPI
 
 from ext import _progress
 
-__all__ = ["Exchanger", "Handle", "ExchangeError", "partition"]
+__all__ = ["ALGORITHMS", "Exchanger", "Handle", "ExchangeError", "partition"]
 
 _STATE_QUEUED, _STATE_AGREED, _STATE_DONE, _STATE_FAILED = range(4)
 _KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2}
 _OPS = ("mean", "sum")
+#: allreduce algorithms: MPI_Iallreduce, or the progress thread's own (ext/_algorithms.pxi)
+_ALGORITHM_CODES = {"mpi": 0, "recursive_doubling": 1, "ring": 2}
+ALGORITHMS = ("auto",) + tuple(_ALGORITHM_CODES)
+#: where "auto" reads the link's fitted alpha-beta-gamma unless told otherwise
+DEFAULT_NETFIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "bench", "results", "netfit_loopback.json")
 _INT_MAX = 2**31 - 1
 
 # Requests abandoned by close() while MPI still owned their buffers: kept
@@ -63,10 +70,36 @@ def partition(n: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int) -> int:
+def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int,
+               algorithm: str = "mpi") -> int:
     """A hash every rank computes alike for the same collective (checked across ranks)."""
-    text = f"{kind}:{count}:{dtype.str}:{op}:{priority}".encode()
+    text = f"{kind}:{count}:{dtype.str}:{op}:{priority}:{algorithm}".encode()
     return (zlib.crc32(text) << 20) ^ (count & 0xFFFFF)
+
+
+def _auto_thresholds(network, fixed, size: int):
+    """``algorithm="auto"``'s thresholds: `fixed` (or $EXCHANGER_AUTO_THRESHOLDS) if
+    given, else computed by the cost model from the link's netfit for `size` ranks."""
+    # imported here, not at the top: costmodel imports the strategies, which import us
+    from analysis import costmodel as cm
+    fixed = fixed or os.environ.get("EXCHANGER_AUTO_THRESHOLDS")
+    if isinstance(fixed, cm.AutoThresholds):
+        return fixed
+    if isinstance(fixed, str):
+        return cm.AutoThresholds.parse(fixed)
+    if isinstance(fixed, dict):
+        return cm.AutoThresholds(**fixed)
+    if fixed is not None:
+        raise TypeError(f"auto_thresholds must be a str, dict or AutoThresholds, "
+                        f"got {type(fixed).__name__}")
+    net = network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
+    if not isinstance(net, cm.Network):
+        if not os.path.exists(net):
+            raise FileNotFoundError(
+                f'algorithm="auto" needs the link\'s fitted alpha-beta-gamma: {net} does not '
+                "exist. Run bench/netfit.py, or pass network= or auto_thresholds= to the Exchanger")
+        net = cm.Network.from_json(net)
+    return cm.auto_thresholds(net, size)
 
 
 def _check_array(name: str, a, *, writable: bool) -> np.ndarray:
@@ -181,11 +214,27 @@ class Exchanger:
     nice : int
         Nice value for the progress thread (negative values need privileges);
         0 leaves it unchanged.
+    algorithm : {"mpi", "recursive_doubling", "ring", "auto"}
+        How allreduce chunks run by default (``allreduce_async`` may override
+        it per call): MPI_Iallreduce, where MPI picks its own algorithm; the
+        progress thread's recursive doubling (latency-optimised, lg P
+        messages) or ring (bandwidth-optimised, 2 (P-1) messages of 1/P of
+        the chunk); or ``"auto"``, which picks one per request from the bytes
+        of its chunk (see docs/allreduce_algorithms.md).
+    network : str or costmodel.Network, optional
+        ``"auto"`` only: the link's fitted alpha-beta-gamma, a bench/netfit.py
+        JSON file or a Network. Default: $EXCHANGER_NETFIT, else
+        bench/results/netfit_loopback.json.
+    auto_thresholds : str, dict or costmodel.AutoThresholds, optional
+        ``"auto"`` only: fixed thresholds instead of the ones computed from
+        `network`, e.g. ``"recursive_doubling_below=65536,ring_from=inf"``
+        (also read from $EXCHANGER_AUTO_THRESHOLDS). See `auto`.
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  poll_us: int = 200, pin_cpu: int | None = None, trace: bool = False,
-                 close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0):
+                 close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
+                 algorithm: str = "mpi", network=None, auto_thresholds=None):
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError(
                 "MPI was initialised below MPI_THREAD_MULTIPLE "
@@ -203,6 +252,11 @@ class Exchanger:
         base = MPI.COMM_WORLD if comm is None else comm
         if not isinstance(base, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
+        self.algorithm = self._check_algorithm(algorithm)
+        self._network, self._auto_thresholds = network, auto_thresholds
+        self._auto = None          # AutoThresholds, computed at the first "auto" request
+        if self.algorithm == "auto":
+            self._auto = _auto_thresholds(network, auto_thresholds, base.Get_size())
         self._comm = base.Dup()
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.size = self._comm.Get_size()
@@ -241,7 +295,8 @@ class Exchanger:
             p = self._partition_cache[n] = partition(n, self.size)
         return p
 
-    def allreduce_async(self, array: np.ndarray, *, op: str = "mean", priority: int = 0) -> Handle:
+    def allreduce_async(self, array: np.ndarray, *, op: str = "mean", priority: int = 0,
+                        algorithm: str | None = None) -> Handle:
         """Average (or sum) `array` over all ranks, in place, in chunks of `chunk_bytes`.
 
         Parameters
@@ -250,10 +305,37 @@ class Exchanger:
         op : {"mean", "sum"}
         priority : int
             Lower values are posted first; equal priorities keep posting order.
+        algorithm : {"mpi", "recursive_doubling", "ring", "auto"}, optional
+            This request's algorithm; default the exchanger's. Every rank must
+            pass the same (else the request fails on every rank).
         """
         _check_array("array", array, writable=True)
         self._check_op(op)
-        return self._post("allreduce", array, None, array.size, op, priority, (array,))
+        algorithm = self.algorithm_for(array.nbytes, algorithm)
+        return self._post("allreduce", array, None, array.size, op, priority, (array,),
+                          algorithm=algorithm)
+
+    def algorithm_for(self, nbytes: int, algorithm: str | None = None) -> str:
+        """The algorithm an allreduce of `nbytes` bytes runs with: `algorithm` (default
+        the exchanger's), "auto" resolved by the bytes of its chunk (all chunks but the
+        last are chunk_bytes). One rank has nothing to exchange: always "mpi"."""
+        algorithm = self.algorithm if algorithm is None else self._check_algorithm(algorithm)
+        if self.size == 1:
+            return "mpi"
+        if algorithm == "auto":
+            return self.auto.choose(min(nbytes, self.chunk_bytes))
+        return algorithm
+
+    @property
+    def auto(self):
+        """The thresholds ``algorithm="auto"`` uses (a costmodel.AutoThresholds; print it).
+
+        Computed from `network` for this communicator's size, unless
+        `auto_thresholds` (or $EXCHANGER_AUTO_THRESHOLDS) fixes them.
+        """
+        if self._auto is None:
+            self._auto = _auto_thresholds(self._network, self._auto_thresholds, self.size)
+        return self._auto
 
     def reduce_scatter_async(self, array: np.ndarray, out: np.ndarray, *, op: str = "mean",
                              priority: int = 0) -> Handle:
@@ -332,6 +414,13 @@ class Exchanger:
 
     # -- internals ----------------------------------------------------------------
     @staticmethod
+    def _check_algorithm(algorithm) -> str:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown allreduce algorithm {algorithm!r}; expected one of "
+                             f"{ALGORITHMS}")
+        return algorithm
+
+    @staticmethod
     def _check_op(op: str) -> None:
         if op not in _OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {_OPS}")
@@ -342,7 +431,8 @@ class Exchanger:
             raise TypeError(f"dtype mismatch: {a.dtype} input and {b.dtype} output")
 
     def _post(self, kind: str, buf: np.ndarray, out: np.ndarray | None, count: int, op: str,
-              priority: int, arrays: tuple, in_place_offset: int = 0, fault: bool = False) -> Handle:
+              priority: int, arrays: tuple, in_place_offset: int = 0, fault: bool = False,
+              algorithm: str = "mpi") -> Handle:
         if self._closed:
             raise RuntimeError("the exchanger is closed; create a new Exchanger")
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
@@ -354,14 +444,17 @@ class Exchanger:
         counts = [c for _, c in self.partition(count)] if kind != "allreduce" else None
         self._reject_overlap(kind, buf, out, in_place_offset)
         description = (f"{kind} #{{seq}} of {count} {buf.dtype} "
-                       f"(op {op}, priority {int(priority)})")   # seq filled in by the engine
+                       f"(op {op}, priority {int(priority)}"
+                       + (f", {algorithm}" if algorithm != "mpi" else "")
+                       + ")")   # seq filled in by the engine
         with self._lock:
             self._collect_finished()
             request = self._engine.enqueue(
                 _KINDS[kind], _address_range(buf)[0],
                 0 if out is None else _address_range(out)[0], count, buf.itemsize, op,
-                int(priority), _signature(_KINDS[kind], count, buf.dtype, op, int(priority)),
-                counts, arrays, description, fault)
+                int(priority),
+                _signature(_KINDS[kind], count, buf.dtype, op, int(priority), algorithm),
+                counts, arrays, description, fault, _ALGORITHM_CODES[algorithm])
             self._pending[request.seq] = request
         return Handle(request, self)
 

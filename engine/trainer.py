@@ -72,6 +72,9 @@ class Trainer:
         Averaging over the local batch; default `SoftmaxCrossEntropy`.
     chunk_bytes, max_inflight, poll_us : int
         Passed to the `Exchanger`.
+    algorithm : str
+        The Exchanger's allreduce algorithm ("mpi", "recursive_doubling",
+        "ring", "auto"; docs/allreduce_algorithms.md).
     bn_stats : {"average", "local"}
         "average": BN running statistics are averaged over ranks after every
         step (replicas stay identical; the running mean then equals the one
@@ -92,7 +95,8 @@ class Trainer:
     def __init__(self, model, optimizer, strategy: str = "multistep", comm=None, *, loss=None,
                  chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 200,
                  bn_stats: str = "average", skip_nonfinite: bool = False,
-                 check_replicas: int = 0, trace: bool = False, **strategy_options):
+                 check_replicas: int = 0, trace: bool = False, algorithm: str = "mpi",
+                 **strategy_options):
         if bn_stats not in ("average", "local"):
             raise ValueError(f"bn_stats must be 'average' or 'local', got {bn_stats!r}")
         if int(check_replicas) < 0:
@@ -106,7 +110,7 @@ class Trainer:
         self.tracing = bool(trace)
         base = MPI.COMM_WORLD if comm is None else comm
         self.exchanger = Exchanger(base, chunk_bytes=chunk_bytes, max_inflight=max_inflight,
-                                   poll_us=poll_us, trace=self.tracing)
+                                   poll_us=poll_us, trace=self.tracing, algorithm=algorithm)
         self.comm = base.Dup()     # the trainer's own blocking collectives (replica check)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         try:

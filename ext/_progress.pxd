@@ -17,6 +17,12 @@ cdef enum:
     KIND_ALLGATHER = 2
 
 cdef enum:
+    # How an allreduce chunk is run (ext/_algorithms.pxi)
+    ALGORITHM_MPI = 0                   # MPI_Iallreduce: MPI picks its own algorithm
+    ALGORITHM_RECURSIVE_DOUBLING = 1    # ours, latency-optimised
+    ALGORITHM_RING = 2                  # ours, bandwidth-optimised
+
+cdef enum:
     STATE_QUEUED = 0    # enqueued here; not yet known to be enqueued on every rank
     STATE_AGREED = 1    # every rank enqueued it: its chunks may be posted
     STATE_DONE = 2
@@ -29,6 +35,7 @@ ctypedef struct request_t:
     int mean                # divide the result by the communicator size
     int in_place            # allgather: the slice already sits in `out`
     int fault               # test hook: post with MPI_OP_NULL (MPI rejects it)
+    int algorithm           # allreduce: ALGORITHM_*
     char* buf               # allreduce: data (in place); reduce-scatter/allgather: send buffer
     char* out               # reduce-scatter: this rank's slice; allgather: full result
     long long count         # elements in the full array
@@ -60,7 +67,9 @@ ctypedef struct slot_t:
     double t_post
     int* counts                 # reduce-scatter / allgather chunk: each rank's piece
     int* displs                 # allgather chunk: where each piece lands in `out`
-    char* staging               # reduce-scatter chunk: the pieces packed in rank order
+    char* staging               # reduce-scatter: pieces packed; our algorithms: received partial
+    int step                    # our allreduce algorithms: the step in flight
+    int tag                     # our allreduce algorithms: this chunk's message tag
 
 ctypedef struct trace_event_t:
     long long seq
@@ -112,3 +121,5 @@ ctypedef struct engine_t:
     int round_active
     long long round_send[NEGOTIATION_LEN]
     long long round_recv[NEGOTIATION_LEN]
+    long long algorithm_chunks  # chunks posted with our own algorithms (their tags)
+    int tag_ub                  # MPI_TAG_UB of the communicator

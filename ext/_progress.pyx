@@ -18,8 +18,8 @@ from mpi4py.libmpi cimport (
     MPI_Comm_rank, MPI_Comm_size, MPI_DOUBLE,
     MPI_ERR_IN_STATUS, MPI_Error_string, MPI_FLOAT, MPI_IN_PLACE, MPI_LONG_LONG,
     MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce,
-    MPI_Ireduce_scatter, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
-    MPI_SUM, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
+    MPI_Ireduce_scatter, MPI_Irecv, MPI_Isend, MPI_Isendrecv, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
+    MPI_SUM, MPI_TAG_UB, MPI_Comm_get_attr, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
 )
 cimport mpi4py.MPI as MPI
 
@@ -84,6 +84,9 @@ cdef void finish_request(engine_t* e, request_t* r) noexcept nogil:
     pthread_cond_broadcast(&e.changed)
 
 
+include "_algorithms.pxi"
+
+
 # ----------------------------------------------------------------------------
 # Posting and completing chunks (progress thread only)
 # ----------------------------------------------------------------------------
@@ -126,7 +129,12 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     e.slots[k].counts = NULL
     e.slots[k].displs = NULL
     e.slots[k].staging = NULL
-    if r.kind == KIND_ALLREDUCE:
+    if r.kind == KIND_ALLREDUCE and r.algorithm != ALGORITHM_MPI:
+        n = piece_length(r.count, r.chunk_elems, c)
+        rc = start_algorithm_chunk(e, k, r, c)
+        if rc == -1:
+            return fail_post(e, k, r, b"for the scratch of")
+    elif r.kind == KIND_ALLREDUCE:
         offset = c * r.chunk_elems
         n = piece_length(r.count, r.chunk_elems, c)
         rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
@@ -320,7 +328,8 @@ cdef void apply_round(engine_t* e) noexcept nogil:
             if e.round_recv[2 + j] != -e.round_recv[2 + NEGOTIATION_WINDOW + j]:
                 snprintf(r.errmsg, ERRMSG_LEN,
                          b"request #%lld does not match across ranks: every rank must post "
-                         b"the same collective (kind, element count, dtype, op, priority) "
+                         b"the same collective (kind, element count, dtype, op, priority, "
+                         b"allreduce algorithm) "
                          b"in the same order", r.seq)
                 r.failed = 1
             if r.failed or r.nchunks == 0:
@@ -449,6 +458,9 @@ cdef void* progress_main(void* arg) noexcept nogil:
                 rc = MPI_SUCCESS
                 if test_rc == MPI_ERR_IN_STATUS:    # only then are the error fields set
                     rc = statuses[i].MPI_ERROR
+                if rc == MPI_SUCCESS and e.slots[k].req.algorithm != ALGORITHM_MPI:
+                    if next_step(e, k):
+                        continue        # the chunk's next step now occupies slot k
                 if rc == MPI_SUCCESS and e.slots[k].req.mean and not e.slots[k].req.failed:
                     divide_by_size(e, e.slots[k].req, e.slots[k].chunk)
                 complete_slot(e, k, rc)
@@ -578,6 +590,8 @@ cdef class Engine:
     def __cinit__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
                   long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0):
         cdef pthread_condattr_t attr
+        cdef int* tag_ub = NULL
+        cdef int found = 0
         if max_inflight < 1 or max_inflight > MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {MAX_SLOTS}], got {max_inflight}")
         self.e = <engine_t*>calloc(1, sizeof(engine_t))
@@ -596,6 +610,9 @@ cdef class Engine:
         self.e.slice_us = slice_us
         self.e.nice = nice
         self.e.round_req = MPI_REQUEST_NULL
+        self.e.tag_ub = 32767       # the least MPI_TAG_UB the standard allows
+        if MPI_Comm_get_attr(self.e.comm, MPI_TAG_UB, &tag_ub, &found) == MPI_SUCCESS and found:
+            self.e.tag_ub = tag_ub[0]
         pthread_mutex_init(&self.e.lock, NULL)
         pthread_condattr_init(&attr)
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
@@ -632,12 +649,13 @@ cdef class Engine:
 
     def enqueue(self, int kind, size_t buf_address, size_t out_address, long long count,
                 int itemsize, str op, int priority, long long signature, object counts,
-                object arrays, str description, bint fault=False):
+                object arrays, str description, bint fault=False, int algorithm=ALGORITHM_MPI):
         """Hand a validated request to the thread.
 
         The caller (engine.Exchanger) has checked dtype, contiguity and sizes;
         `arrays` holds every buffer, and the returned Request keeps it alive.
         `count` is the full array's element count (n of the partition).
+        `algorithm` (ALGORITHM_*) says how an allreduce's chunks run.
         """
         cdef Request req = Request.__new__(Request)
         cdef request_t* r = <request_t*>calloc(1, sizeof(request_t))
@@ -653,6 +671,10 @@ cdef class Engine:
         r.mean = 1 if op == "mean" else 0
         r.op = MPI_SUM
         r.fault = fault
+        # One rank has nothing to exchange: MPI's allreduce is then a no-op.
+        r.algorithm = algorithm if kind == KIND_ALLREDUCE and self.size > 1 else ALGORITHM_MPI
+        if r.algorithm not in (ALGORITHM_MPI, ALGORITHM_RECURSIVE_DOUBLING, ALGORITHM_RING):
+            raise ValueError(f"unknown allreduce algorithm code {algorithm}")
         r.signature = signature
         r.itemsize = itemsize
         r.dtype = MPI_FLOAT if itemsize == 4 else MPI_DOUBLE

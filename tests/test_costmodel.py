@@ -77,7 +77,72 @@ def test_reduce_scatter_plus_allgather_moves_what_allreduce_moves():
     for P in (2, 5, 64, 8192):
         n = 64 << 20
         assert (cm.reduce_scatter_time(n, P, net) + cm.allgather_time(n, P, net)
-                == pytest.approx(cm.allreduce_time(n, P, net)))
+                == pytest.approx(cm.ring_time(n, P, net)))
+        if P & (P - 1) == 0:      # MPICH's Rabenseifner folds the ranks beyond a power of two
+            assert cm.allreduce_time(n, P, net) == pytest.approx(cm.ring_time(n, P, net))
+
+
+def test_non_power_of_two_fold_and_the_engine_algorithms():
+    net = cm.Network(alpha=1e-6, beta=1e-9, gamma=1e-10)
+    n, P = 8 << 20, 6              # P' = 4: two ranks fold in and get the result back
+    fold = 2 * 1e-6 + n * (2e-9 + 1e-10)
+    assert cm.allreduce_time(n, P, net) == pytest.approx(
+        2 * 2 * 1e-6 + 2 * 3 / 4 * n * 1e-9 + 3 / 4 * n * 1e-10 + fold)
+    assert cm.recursive_doubling_time(n, P, net) == pytest.approx(2 * (1e-6 + n * 1.1e-9) + fold)
+    assert cm.ring_time(n, P, net) == pytest.approx(
+        2 * 5 * 1e-6 + 2 * 5 / 6 * n * 1e-9 + 5 / 6 * n * 1e-10)
+    for algorithm in ("mpi", "recursive_doubling", "ring"):
+        assert cm.algorithm_time(1024, 1, net, algorithm) == 0.0
+    with pytest.raises(ValueError, match="unknown allreduce algorithm"):
+        cm.algorithm_time(n, P, net, "auto")
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 5, 8, 64])
+def test_auto_thresholds_pick_the_cheapest_algorithm_of_the_model(P):
+    net = cm.Network(alpha=3e-6, beta=1e-9, gamma=3e-11)
+    auto = cm.auto_thresholds(net, P)
+    # below MPICH's short threshold "mpi" is recursive doubling too, unless the ring wins there
+    assert (auto.recursive_doubling_below >= net.allreduce_short_bytes
+            or auto.ring_from <= net.allreduce_short_bytes)
+    for n in [2 ** k for k in range(3, 30)]:
+        chosen = auto.choose(n)
+        times = {a: cm.algorithm_time(n, P, net, a) for a in ("mpi", "recursive_doubling", "ring")}
+        assert times[chosen] <= 1.01 * min(times.values()), (n, chosen, times)
+    assert (auto.ring_from == math.inf) == (P & (P - 1) == 0)   # the ring only beats the fold
+
+
+def test_auto_thresholds_parse_and_print():
+    auto = cm.AutoThresholds.parse("recursive_doubling_below=65536, ring_from=inf")
+    assert auto == cm.AutoThresholds(65536, math.inf)
+    assert [auto.choose(n) for n in (100, 65536)] == ["recursive_doubling", "mpi"]
+    assert "65536 B" in str(auto) and "never" in str(auto)
+    with pytest.raises(ValueError, match="bad auto threshold"):
+        cm.AutoThresholds.parse("rd=5")
+
+
+@pytest.mark.parametrize("P", [2, 3, 8])
+def test_simulation_runs_the_algorithm_the_engine_runs(P):
+    layers = net_layers(grad=4096)              # 8 x 4 KiB: one 32 KiB allreduce when blocking
+    net = cm.Network(alpha=5e-6, beta=1e-9, gamma=1e-10, poll_s=0.0)
+    comm = {a: cm.blocking_comm_time(layers, net, P, cm.Engine(chunk_bytes=1 << 30, algorithm=a))
+            for a in cm.ALLREDUCE_ALGORITHMS}
+    for a in ("mpi", "recursive_doubling", "ring"):
+        assert comm[a] == pytest.approx(net.round_s(P) + cm.algorithm_time(32768, P, net, a))
+    assert comm["auto"] == pytest.approx(min(comm[a] for a in ("mpi", "recursive_doubling", "ring")))
+    with pytest.raises(ValueError, match="unknown allreduce algorithm"):
+        cm.Channel(net, P, cm.Engine(algorithm="butterfly"))
+
+
+def test_engine_chunks_reduce_scatter_and_allgather_like_allreduce():
+    """ext/_progress.pyx: chunk c is piece c of every rank's slice, chunk_bytes / 4 / P each."""
+    channel = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=1 << 20))
+    for kind in ("reduce_scatter", "allgather", "allreduce"):
+        sizes = channel.chunk_sizes(kind, 10 << 20)
+        assert len(sizes) == 10 and sum(sizes) == pytest.approx(10 << 20)
+    odd = channel.chunk_sizes("allgather", 4 * 1001)       # slices of 251, 250, 250, 250
+    assert len(odd) == 1 and odd[0] == pytest.approx(4 * 1001)
+    small = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=64))   # 4 elements per rank's piece
+    assert len(small.chunk_sizes("reduce_scatter", 4 * 1001)) == 63   # ceil(251 / 4)
 
 
 @given(st.integers(1, 1 << 28), st.integers(2, 10000))
