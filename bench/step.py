@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--poll-us", type=int, default=200)
-    p.add_argument("--fc-mode", default="auto", choices=("activations", "reduce_scatter", "auto"))
+    p.add_argument("--fc-mode", default="auto",
+                   choices=("auto", "alltoall", "activations", "reduce_scatter"))
     args = p.parse_args(argv)
     if args.model not in models.MODELS:
         p.error(f"unknown --model {args.model!r}; choose from {', '.join(models.MODELS)}")
