@@ -135,11 +135,13 @@ Priorities: each request carries its layer index, so the allgather of layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cnn.layers import Linear
 from cnn.layers.blas import matmul
-from cnn.optim import SGD, sgd_update
+from cnn.optim import sgd_update
 
 from .base import Hyper, Strategy
 
@@ -344,6 +346,16 @@ class AllToAllExchange(ActivationExchange):
             self.gathered = False
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one reduce-scatter and one allgather exchange: a unit's flat buffer or one tensor."""
+
+    key: str
+    params: tuple
+    data: np.ndarray     # flat view of the parameters' storage
+    grad: np.ndarray
+
+
 class Multistep(Strategy):
     """See the module docstring.
 
@@ -359,10 +371,16 @@ class Multistep(Strategy):
 
     Attributes
     ----------
+    pieces : dict of int to list of Piece
+        By first layer: what its collectives exchange, one flat buffer per
+        unit (`Strategy.layer_units`), or each tensor of a `Linear` layer
+        off the conv path.
     slices : dict of str to (int, int)
-        The flat range of each parameter this rank owns and updates; for the
+        The flat range of each piece this rank owns and updates; for the
         weight of a `Linear` layer under ``"alltoall"`` / ``"auto"``, a range
         of its transpose (N_in x N_out): the rows of this rank's input neurons.
+    momentum : dict of str to ndarray
+        SGD momentum of the owned slices only (a P-fold memory saving).
     """
 
     name = "multistep"
@@ -373,11 +391,6 @@ class Multistep(Strategy):
         if fc_mode not in FC_MODES:
             raise ValueError(f"multistep: fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
         self.fc_mode = fc_mode
-        params = model.parameters()
-        self.slices = {}
-        for p in params:
-            offset, count = exchanger.partition(p.data.size)[exchanger.rank]
-            self.slices[p.name] = (offset, offset + count)
         self.fc: dict[int, ActivationExchange] = {}
         if fc_mode != "reduce_scatter":
             path = ActivationExchange if fc_mode == "activations" else AllToAllExchange
@@ -386,43 +399,59 @@ class Multistep(Strategy):
         # weight name -> its all-to-all path: the rank owns rows of the transpose
         self.transposed = {fc.layer.weight.name: fc for fc in self.fc.values()
                            if isinstance(fc, AllToAllExchange)}
-        for name, fc in self.transposed.items():
-            self.slices[name] = fc.owned_slice()
-        # The rank-local optimizer: momentum only for the owned slices, started
-        # from the given optimizer's momentum (non-zero after a resume).
-        self.local = SGD(params, lr=optimizer.lr, momentum=optimizer.momentum,
-                         weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov,
-                         slices=self.slices)
-        for name, (a, b) in self.slices.items():
-            self.local.momentum_buffers[name][:] = self._layout(name, optimizer.momentum_buffers[name])[a:b]
-        self.scattered = {p.name: np.zeros(b - a, np.float32)
-                          for p in params for a, b in [self.slices[p.name]]}
+        # What one reduce-scatter / allgather exchanges: a whole unit (one flat
+        # buffer), or, for a Linear layer off the conv path, each tensor (its
+        # weight gradient is formed from X and dY, by rows or by columns).
+        self.pieces: dict[int, list[Piece]] = {}
+        for first, unit in self.layer_units().items():
+            if first in self.fc:
+                self.pieces[first] = [Piece(p.name, (p,), p.data.reshape(-1), p.grad)
+                                      for p in unit.params]
+            else:
+                self.pieces[first] = [Piece(unit.key, unit.params, unit.data, unit.grad)]
+        self.slices = {}
+        for piece in self.all_pieces():
+            fc = self.transposed.get(piece.key)
+            if fc is not None:
+                self.slices[piece.key] = fc.owned_slice()
+            else:
+                offset, count = exchanger.partition(piece.data.size)[exchanger.rank]
+                self.slices[piece.key] = (offset, offset + count)
+        # Momentum only for the owned slices, started from the given
+        # optimizer's momentum (non-zero after a resume).
+        self.momentum = {piece.key: self._layout(piece, optimizer.momentum_buffers)[a:b].copy()
+                         for piece in self.all_pieces() for a, b in [self.slices[piece.key]]}
+        self.scattered = {key: np.zeros(b - a, np.float32) for key, (a, b) in self.slices.items()}
         self.reduce_scatters: dict[int, list] = {}
         self.allgathers: dict[int, list] = {}
 
-    def _layout(self, name: str, flat: np.ndarray) -> np.ndarray:
-        """A full flat buffer of parameter `name` in the layout its slice refers to."""
-        fc = self.transposed.get(name)
-        if fc is None:
-            return flat
-        return flat.reshape(fc.layer.weight.data.shape).T.reshape(-1)
+    def all_pieces(self) -> list[Piece]:
+        return [piece for first in sorted(self.pieces) for piece in self.pieces[first]]
+
+    def _layout(self, piece: Piece, full: dict) -> np.ndarray:
+        """The whole-parameter buffers `full[name]` of a piece, flat, in its slice's layout."""
+        fc = self.transposed.get(piece.key)
+        if fc is not None:
+            return full[piece.key].reshape(fc.layer.weight.data.shape).T.reshape(-1)
+        return np.concatenate([full[p.name].reshape(-1) for p in piece.params])
 
     def grad_ready(self, i: int, layer) -> None:
         fc = self.fc.get(i)
         if fc is not None and fc.active:
             return      # gradient computed after backprop from the exchanged X and dY
+        if i not in self.pieces:
+            return      # a later layer of a unit: posted with the unit's first layer
         self.reduce_scatters[i] = [
-            self.transposed[p.name].reduce_scatter(self.scattered[p.name])
-            if p.name in self.transposed else
-            self.exchanger.reduce_scatter_async(p.grad, self.scattered[p.name], op="mean",
-                                                priority=i)
-            for p in layer.params]
+            self.transposed[piece.key].reduce_scatter(self.scattered[piece.key])
+            if piece.key in self.transposed else
+            self.exchanger.reduce_scatter_async(piece.grad, self.scattered[piece.key],
+                                                op="mean", priority=i)
+            for piece in self.pieces[i]]
 
     def finish_step(self, apply: bool) -> None:
         hyper = Hyper.of(self.optimizer)
         gathered = [i for i, fc in self.fc.items() if fc.active]
         for i in sorted(set(self.reduce_scatters) | set(gathered)):
-            layer = self.layers[i]
             if i in self.reduce_scatters:
                 for h in self.reduce_scatters.pop(i):
                     self.wait(h, f"reduce-scatter layer {i}")
@@ -431,22 +460,23 @@ class Multistep(Strategy):
                 fc.wait()
                 if apply:
                     fc.gradient_slices(self.scattered)
-            self.zero_layer_grads(layer)     # for a gathered FC layer: the local bias gradient
+            for piece in self.pieces[i]:
+                piece.grad.fill(0)       # for a gathered FC layer: the local bias gradient
             if not apply:
                 continue
             gathers = []
-            for p in layer.params:
-                fc = self.transposed.get(p.name)
-                a, b = self.slices[p.name]
-                own = p.data.reshape(-1)[a:b] if fc is None else fc.own_weights()
+            for piece in self.pieces[i]:
+                fc = self.transposed.get(piece.key)
+                a, b = self.slices[piece.key]
+                own = piece.data[a:b] if fc is None else fc.own_weights()
                 if b > a:
-                    self._update_slice(p.name, own, hyper)
-                gathers.append(self.exchanger.allgather_async(own, p.data, priority=i)
+                    self._update_slice(piece.key, own, hyper)
+                gathers.append(self.exchanger.allgather_async(own, piece.data, priority=i)
                                if fc is None else fc.post_weight_allgather())
             self.allgathers[i] = gathers
 
-    def _update_slice(self, name: str, own: np.ndarray, hyper: Hyper) -> None:
-        sgd_update(own, self.scattered[name], self.local.momentum_buffers[name],
+    def _update_slice(self, key: str, own: np.ndarray, hyper: Hyper) -> None:
+        sgd_update(own, self.scattered[key], self.momentum[key],
                    hyper.lr, hyper.momentum, hyper.weight_decay, hyper.nesterov)
 
     def pre_forward(self, i: int, layer) -> None:
@@ -470,21 +500,28 @@ class Multistep(Strategy):
         """Full momentum buffers, gathered from the slices (every rank must call it)."""
         self.synchronize()
         state = self.optimizer.state_dict()
-        handles, full = [], {}
-        for p in self.local.params:
-            fc = self.transposed.get(p.name)
+        handles, gathered = [], {}
+        for piece in self.all_pieces():
+            fc = self.transposed.get(piece.key)
             if fc is None:
-                full[p.name] = np.zeros(p.data.size, np.float32)
-                handles.append(self.exchanger.allgather_async(
-                    self.local.momentum_buffers[p.name], full[p.name]))
+                gathered[piece.key] = np.zeros(piece.data.size, np.float32)
+                handles.append(self.exchanger.allgather_async(self.momentum[piece.key],
+                                                              gathered[piece.key]))
             else:       # rows of the transpose, back to torch's (N_out, N_in) afterwards
-                full[p.name] = np.zeros(p.data.shape[::-1], np.float32)
+                gathered[piece.key] = np.zeros(fc.layer.weight.data.shape[::-1], np.float32)
                 handles.append(self.exchanger.allgather_async(
-                    self.local.momentum_buffers[p.name], full[p.name], rows=True))
+                    self.momentum[piece.key], gathered[piece.key], rows=True))
         for h in handles:
             h.wait()
-        for name in self.transposed:
-            full[name] = np.ascontiguousarray(full[name].T).reshape(-1)
+        full = {}
+        for piece in self.all_pieces():
+            if piece.key in self.transposed:
+                full[piece.key] = np.ascontiguousarray(gathered[piece.key].T).reshape(-1)
+                continue
+            offset = 0
+            for p in piece.params:      # a unit's flat momentum, split by parameter
+                full[p.name] = gathered[piece.key][offset:offset + p.data.size].copy()
+                offset += p.data.size
         state["momentum_buffers"] = full
         state["lr"] = self.optimizer.lr
         return state

@@ -143,11 +143,10 @@ def test_multistep_keeps_momentum_for_its_slice_only(data):
     model = models.build("digits", seed=3)
     optimizer = SGD(model.parameters(), **HYPER)
     with Trainer(model, optimizer, "multistep") as trainer:
-        local = trainer.strategy.local
-        for p in model.parameters():
-            a, b = trainer.strategy.slices[p.name]
-            assert local.momentum_buffers[p.name].size == b - a
-        owned = WORLD.allreduce(sum(v.size for v in local.momentum_buffers.values()))
+        strategy = trainer.strategy
+        for key, (a, b) in strategy.slices.items():
+            assert strategy.momentum[key].size == b - a
+        owned = WORLD.allreduce(sum(v.size for v in strategy.momentum.values()))
         assert owned == model.num_parameters()
         x, y = data
         idx = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size).indices(0, 0)
@@ -274,6 +273,64 @@ def test_multistep_rejects_unknown_fc_mode():
     with pytest.raises(ValueError, match="fc_mode"):
         Trainer(model, SGD(model.parameters(), lr=0.1), "multistep", fc_mode="all-to-all")
     assert "forward" not in vars(model.layers[-1])
+
+
+# -- one collective per unit (a conv and its batch norm, a layer's weight and bias) --------
+
+@pytest.fixture(scope="module")
+def images32():
+    rng = np.random.default_rng(12)
+    return (rng.standard_normal((48, 3, 32, 32)).astype(np.float32),
+            rng.integers(0, 10, 48).astype(np.int64))
+
+
+def train_counting(config, data, steps=2):
+    """ResNet-20 (conv + BN units) for `steps` steps; also the requests of the last step."""
+    strategy, options = CONFIGS[config]
+    if strategy == "lazy":
+        options = dict(options, lazy_layers=3)    # cuts the unit (conv, BN) of layers 2, 3
+    x, y = data
+    model = models.build("resnet20", seed=3)
+    sampler = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size, seed=5)
+    with Trainer(model, SGD(model.parameters(), **HYPER), strategy, chunk_bytes=1 << 16,
+                 **options) as trainer:
+        for step in range(steps):
+            before = trainer.exchanger.stats()["requests_enqueued"]
+            idx = sampler.indices(0, step)
+            trainer.step(x[idx], y[idx])
+            requests = trainer.exchanger.stats()["requests_enqueued"] - before
+        trainer.synchronize()
+        trainer.check_replicas()
+    return model, requests
+
+
+@pytest.mark.parametrize("config", ["layerwise", "priority", "multistep-reduce_scatter",
+                                    "multistep", "lazy"])
+def test_units_with_batch_norm_match_blocking_with_one_request_per_unit(config, images32):
+    model, requests = train_counting(config, images32)
+    baseline, baseline_requests = train_counting("blocking", images32)
+    # ResNet-20: 43 parameter layers, 65 tensors, 22 units (21 conv + BN, the classifier)
+    units = len(model.param_groups)
+    assert (len(model.layers), len(model.parameters()), units) == (43, 65, 22)
+    around = baseline_requests - 1          # the trainer's own: loss/flags, BN statistics
+    if config == "multistep":                # the classifier (64 x 10) on the all-to-all path?
+        fc = model.layers[-1]
+        path = expected_auto_paths(GLOBAL_BATCH, [(fc.in_features, fc.out_features)],
+                                   WORLD.size)[0]
+        # reduce-scatter path: weight (by W^T rows) and bias apart; all-to-all path:
+        # all-to-all of X, allgather of dY: still two requests in backprop
+        assert requests == 2 * (units - 1) + 2 * 2 + around, path
+    elif config == "multistep-reduce_scatter":
+        assert requests == 2 * units + around          # reduce-scatter + allgather per unit
+    elif config == "lazy":
+        assert requests == units + 1 + 1 + around      # the cut unit, the lazy statistics
+    else:
+        assert requests == units + around
+    if WORLD.size <= 2 and config not in ("multistep",):
+        np.testing.assert_array_equal(flat_weights(model), flat_weights(baseline))
+    else:
+        np.testing.assert_allclose(flat_weights(model), flat_weights(baseline),
+                                   rtol=1e-5, atol=1e-6)
 
 
 # -- lazy ---------------------------------------------------------------------------------
