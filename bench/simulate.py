@@ -106,6 +106,9 @@ def parse_args(argv=None):
                    help=f"comma-separated, from {', '.join(cm.STRATEGIES + cm.FC_VARIANTS)}")
     p.add_argument("--fc-mode", choices=cm.FC_MODES, default="auto",
                    help="multistep's fc_mode (engine/strategies/multistep.py); default auto")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one collective per parameter tensor, as the engine did before "
+                        "units (cnn Model.param_groups): to compare")
     p.add_argument("--serial-fraction", type=float, default=None,
                    help="override the machine file's Amdahl serial fraction (thread scaling)")
     p.add_argument("-o", "--output", default=None, help="output prefix (JSON/MD/PNG)")
@@ -139,8 +142,10 @@ def find_profile(model: str) -> str:
 class Target:
     """The profiled model moved onto one machine: per-process costs for any layout."""
 
-    def __init__(self, profile: cm.Profile, machine: dict, fc_mode: str = "auto"):
+    def __init__(self, profile: cm.Profile, machine: dict, fc_mode: str = "auto",
+                 fuse_units: bool = True):
         self.profile, self.machine, self.fc_mode = profile, machine, fc_mode
+        self.fuse_units = fuse_units
         here = profile.meta.get("machine", {}).get("sgemm_gflops_1thread")
         self.sgemm_here = here
         if not here:
@@ -169,7 +174,7 @@ class Target:
         return cm.Network.from_dict(d)
 
     def engine(self) -> cm.Engine:
-        return cm.Engine(**self.machine.get("engine", {}))
+        return cm.Engine(**dict(self.machine.get("engine", {}), fuse_units=self.fuse_units))
 
 
 def configuration(cores: int, layout: str, cpn: int) -> tuple[int, int, int]:
@@ -311,7 +316,7 @@ def published_comparison(args) -> None:
               "fc_mode=X (alltoall: the paper's FC path).\n")
     for model in ("vgg16", "resnet50"):
         path = find_profile(model)
-        target = Target(cm.load_profile(path), machine, args.fc_mode)
+        target = Target(cm.load_profile(path), machine, args.fc_mode, not args.per_tensor)
         pub = PUBLISHED[model][0]
         for layout in ("node", "core"):
             for batch in (MLHPC_BATCH, MLHPC_BATCH_ALT):
@@ -335,7 +340,7 @@ def published_comparison(args) -> None:
                                                   "label": pub["source"]}]})
     # HiPC'17: VGG-A, 1..128 nodes, speedup over one node
     path = find_profile("vgga")
-    target = Target(cm.load_profile(path), machine, args.fc_mode)
+    target = Target(cm.load_profile(path), machine, args.fc_mode, not args.per_tensor)
     cpn = target.cpn
     for pub in PUBLISHED["vgga"]:
         rows = sweep(target, strategies, [cpn * 2 ** k for k in range(0, 8)], pub["batch"], "node",
@@ -378,7 +383,7 @@ def question(args) -> None:
     """The user's question: this model, batch and machine: which strategy, how many nodes?"""
     machine = load_machine(args.machine, args.serial_fraction)
     target = Target(cm.load_profile(args.profile or find_profile(args.model)), machine,
-                    args.fc_mode)
+                    args.fc_mode, not args.per_tensor)
     strategies = args.strategies.split(",")
     procs = [int(p) for p in (args.procs or "1,2,4,8,16,32,64,128,256").split(",")]
     per = 1 if args.layout == "core" else target.cpn
@@ -407,7 +412,8 @@ def question(args) -> None:
     if args.output:
         with open(args.output + ".json", "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "machine": machine.get("name"),
-                       "layout": args.layout, "fc_mode": args.fc_mode, "rows": rows}, f, indent=1)
+                       "layout": args.layout, "fc_mode": args.fc_mode,
+                       "per_tensor": args.per_tensor, "rows": rows}, f, indent=1)
 
 
 def main(argv=None):

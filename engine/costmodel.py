@@ -107,6 +107,7 @@ from engine.strategies.multistep import FC_MODES, choose_fc_mode
 __all__ = ["FC_MODES", "FC_VARIANTS", "FC_WEIGHT_GRAD_SHARE", "STRATEGIES", "Channel",
            "Engine", "LayerCost", "Network", "Profile", "Result", "allgather_time",
            "allreduce_time", "alltoall_time", "blocking_comm_time", "fc_path", "form_buckets",
+           "fuse_units",
            "load_profile", "lower_bound", "reduce_scatter_time", "scale_layers", "sent_bytes",
            "simulate"]
 
@@ -201,6 +202,10 @@ class Engine:
     chunk_bytes: int = 1 << 20
     max_inflight: int = 4
     bucket_bytes: int = 1 << 20
+    #: one collective per unit (a conv and its batch norm, a layer's weight and
+    #: bias; cnn Model.param_groups), as the engine does; False: one per tensor,
+    #: the engine before units (to compare)
+    fuse_units: bool = True
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,8 @@ class LayerCost:
 
     ``fwd_s`` and ``bwd_s`` include the parameter-free layers attributed to
     this one (see engine/profile.py); ``param_bytes`` lists the gradient bytes
-    of each parameter tensor (layerwise/priority post one request per tensor).
+    of each parameter tensor (`Engine.fuse_units` False: layerwise/priority
+    post one request per tensor).
     """
 
     name: str
@@ -487,6 +493,26 @@ class _Thread:
         return r
 
 
+def fuse_units(layers) -> list:
+    """The engine's units (cnn ``natural_units``): a conv and the batch norm right after it
+    become one LayerCost (times and bytes summed; hooks at the conv's index)."""
+    out, i = [], 0
+    while i < len(layers):
+        a = layers[i]
+        b = layers[i + 1] if i + 1 < len(layers) else None
+        if a.kind == "conv" and b is not None and b.kind == "batchnorm":
+            out.append(replace(a, name=f"{a.name}+{b.name}", params=a.params + b.params,
+                               grad_bytes=a.grad_bytes + b.grad_bytes, fwd_s=a.fwd_s + b.fwd_s,
+                               bwd_s=a.bwd_s + b.bwd_s, update_s=a.update_s + b.update_s,
+                               flops_fwd=a.flops_fwd + b.flops_fwd,
+                               param_bytes=a.tensors + b.tensors))
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return [replace(layer, index=k) for k, layer in enumerate(out)]
+
+
 def form_buckets(layers, bucket_bytes: int) -> list[list[int]]:
     """Layer indices per bucket, formed by the strategy's own rule (bucketed.bucket_indices)."""
     return bucket_indices([layer.grad_bytes for layer in layers], bucket_bytes)
@@ -540,6 +566,14 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
     fc = state["fc"]                  # multistep: FC layers on the alltoall / activations path
     transposed = state["transposed"]  # multistep: FC layers owning W^T rows -> weight bytes
     gathers = {}                      # layer -> [inputs request, errors request]
+
+    def tensors(i):
+        """Bytes of each request of layer i: one per unit, or per tensor (Engine.fuse_units
+        False, and multistep's FC layers off the conv path)."""
+        if engine.fuse_units and i not in fc and i not in transposed:
+            return (layers[i].grad_bytes,)
+        return layers[i].tensors
+
     # ---- forward (pre_forward hooks) ----
     for i, layer in enumerate(layers):
         if strategy in ("layerwise", "priority"):
@@ -581,7 +615,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         th.compute(bwd + prof.check_s_per_byte * layer.grad_bytes)
         if strategy in ("layerwise", "priority"):
             prio = i if strategy == "priority" else 0
-            pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in layer.tensors]
+            pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in tensors(i)]
         elif strategy == "bucketed":
             for bucket in state["buckets"]:
                 if bucket[0] == i:
@@ -594,7 +628,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
             if i in transposed:
                 th.compute(copy * transposed[i])       # G^T, reduce-scattered by rows
             rs[i] = [th.post("reduce_scatter", b, i, f"reduce-scatter {i}")
-                     for b in layer.tensors]
+                     for b in tensors(i)]
     # ---- end_backward ----
     total = sum(l.grad_bytes for l in layers)
     flat = None
@@ -621,7 +655,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
                 # band of W), 2 B N_in N_out / P FLOPs = the per-rank dW GEMM skipped in backprop
                 th.compute(FC_WEIGHT_GRAD_SHARE * layers[i].bwd_s)
             th.compute(layers[i].update_s / P)
-            pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in layers[i].tensors]
+            pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in tensors(i)]
     if bn is not None:
         th.wait(bn)
 
@@ -667,6 +701,8 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
         raise ValueError(f"fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
     layers = list(layers)
     prof = profile or Profile(layers)
+    if engine.fuse_units and strategy in ("layerwise", "priority", "multistep"):
+        layers = fuse_units(layers)
     if global_batch is None:
         global_batch = P * prof.batch_per_rank
     channel = Channel(net, P, engine)

@@ -343,3 +343,46 @@ def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown strategy"):
         cm.simulate(net_layers(), FREE, "nope", 2)
     assert math.isfinite(cm.simulate(net_layers(), FREE, "blocking", 2).iter_s)
+
+
+# -- one collective per unit (cnn Model.param_groups) ----------------------------------
+
+def conv_bn_layers(pairs=8):
+    """ResNet-like: (conv, batch norm) pairs, tiny tensors, so latency dominates."""
+    layers = []
+    for k in range(2 * pairs):
+        kind = "conv" if k % 2 == 0 else "batchnorm"
+        grad = 4096 if kind == "conv" else 512
+        tensors = (grad,) if kind == "conv" else (grad // 2, grad // 2)
+        layers.append(cm.LayerCost(f"l{k}", k, kind, grad // 4, grad, 1e-4, 2e-4, 1e-6,
+                                   param_bytes=tensors))
+    return layers
+
+
+def test_fuse_units_is_the_models_grouping():
+    from cnn import models
+    from cnn.models.model import natural_units
+
+    layers = conv_bn_layers(3) + [fc(64, 10)]
+    fused = cm.fuse_units(layers)
+    assert [l.name for l in fused] == ["l0+l1", "l2+l3", "l4+l5", "fc"]
+    assert [l.index for l in fused] == [0, 1, 2, 3]
+    assert fused[0].grad_bytes == 4096 + 512 and fused[0].tensors == (4096, 256, 256)
+    assert sum(l.bwd_s for l in fused) == pytest.approx(sum(l.bwd_s for l in layers))
+    model = models.build("resnet20")
+    kinds = ["conv" if type(l).__name__ == "Conv2D" else
+             "batchnorm" if type(l).__name__ == "BatchNorm2d" else "linear" for l in model.layers]
+    mirror = [cm.LayerCost(str(i), i, k, 1, 4, 0.0, 0.0, 0.0) for i, k in enumerate(kinds)]
+    assert len(cm.fuse_units(mirror)) == len(natural_units(model.layers)) == 22
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "priority", "multistep"])
+def test_one_request_per_unit_pays_the_latency_once(strategy):
+    layers, P = conv_bn_layers(), 64
+    slow_latency = cm.Network(alpha=200e-6, beta=1e-12, gamma=0.0, poll_s=0.0)
+    units = cm.simulate(layers, slow_latency, strategy, P)
+    per_tensor = cm.simulate(layers, slow_latency, strategy, P,
+                             engine=cm.Engine(fuse_units=False))
+    assert units.iter_s < per_tensor.iter_s
+    # bandwidth-bound instead: the same bytes either way
+    assert units.sent_bytes == pytest.approx(per_tensor.sent_bytes, rel=1e-9)
