@@ -384,5 +384,4 @@ def test_one_request_per_unit_pays_the_latency_once(strategy):
     per_tensor = cm.simulate(layers, slow_latency, strategy, P,
                              engine=cm.Engine(fuse_units=False))
     assert units.iter_s < per_tensor.iter_s
-    # bandwidth-bound instead: the same bytes either way
-    assert units.sent_bytes == pytest.approx(per_tensor.sent_bytes, rel=1e-9)
+    assert units.compute_s == pytest.approx(per_tensor.compute_s)     # same work, fewer requests
