@@ -2,24 +2,26 @@
 reduce-scatter + allgather, each half hidden behind a different computation,
 and each rank updating only its 1/P of the model.
 
-Per parameter of n elements, rank r owns the slice ``partition(n, P)[r]``
-(ranks 0..r-1 one element longer when P does not divide n).
+The unit of exchange is the model's unit (`Strategy.layer_units`): a conv
+and the batch norm after it, or a layer's weight and bias, one flat buffer
+of n elements; rank r owns its slice ``partition(n, P)[r]`` (ranks 0..r-1
+one element longer when P does not divide n).
 
 Convolution layers (and every layer that is not a fully-connected one):
 
-1. Backprop (grad-ready hook of layer i): post a reduce-scatter of layer i's
-   gradient; rank r receives the average over ranks of its slice. Backprop
-   goes on with layer i-1 meanwhile.
-2. After backprop (`finish_step`), for each layer from the input side up: wait
+1. Backprop (grad-ready hook of the unit's first layer i): post one
+   reduce-scatter of the unit's gradient; rank r receives the average over
+   ranks of its slice. Backprop goes on with layer i-1 meanwhile.
+2. After backprop (`finish_step`), for each unit from the input side up: wait
    for its reduce-scatter, apply SGD to this rank's slice only (momentum exists
-   only for that slice: `SGD(slices=...)`, a P-fold memory saving), and post
+   only for that slice, a P-fold memory saving), and post
    at once an allgather of the updated slice into the full weight array
    (in place). The gradient buffers are zeroed once their reduce-scatter is
    complete.
 3. Next forward (pre-forward hook of layer i): wait for layer i's allgather.
    The allgathers of later layers overlap the forward of earlier ones.
 
-Per parameter of n values each rank sends and receives about 2 (P-1)/P n
+Per unit of n values each rank sends and receives about 2 (P-1)/P n
 values, the same volume as a ring allreduce, but the update costs n/P instead
 of n and is overlapped with the allgathers in flight.
 
