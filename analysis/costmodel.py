@@ -62,32 +62,38 @@ Two parts, both pure Python:
    wait.
 
    **Fully-connected layers in multistep** (engine/strategies/multistep.py,
-   ``fc_mode``, default ``"auto"``). A Linear layer takes, per step, the path
-   that moves fewer values (`fc_path`): ``"activations"`` when
-   B (N_in + N_out) < N_in N_out (B the global batch), else
-   ``"reduce_scatter"`` (the conv path). On the activation path the model
+   ``fc_mode``, default ``"auto"``). A Linear layer takes, per step, one of
+   three paths (`fc_path`); ``"auto"`` takes the one that moves the fewest
+   values per rank (multistep.choose_fc_mode): ``"reduce_scatter"`` (the
+   conv path, N_in N_out), ``"alltoall"`` (B (ceil(N_in/P) + N_out)) or
+   ``"activations"`` (B (N_in + N_out), never fewer than the all-to-all),
+   B the global batch, all x (P-1)/P, the weight allgather aside. The model
    follows the engine's hooks exactly:
 
-   - forward, right after the layer's forward: post an allgather of its input
-     X (B/P x N_in per rank -> B x N_in, 4 B N_in bytes);
-   - backward, just before the layer's backward: post an allgather of its
-     output errors dY (4 B N_out bytes); the layer's backward no longer forms
-     the weight gradient, so it costs (1 - FC_WEIGHT_GRAD_SHARE) x bwd_s; no
-     reduce-scatter is posted (bias included);
-   - after backprop (finish_step, input side first): wait for both
-     allgathers, then compute this rank's band of output rows of the weight
-     gradient over the global batch, (1/P) dY[:, band]^T X: 2 B N_in N_out / P
-     FLOPs, the FLOPs of the per-rank weight-gradient GEMM (2 (B/P) N_in N_out)
-     it replaces, so it costs FC_WEIGHT_GRAD_SHARE x bwd_s (the profiled
-     backward at the per-rank batch; the bias slice, a column sum of dY, is
+   - ``"alltoall"`` (the paper's path): forward, just *before* the layer's
+     forward, post an all-to-all of its input X (B/P x N_in per rank, 4 B/P
+     N_in bytes held per rank, each rank keeping N_in/P neurons);
+   - ``"activations"``: forward, right *after* the layer's forward, post an
+     allgather of X (B/P x N_in per rank -> B x N_in, 4 B N_in bytes);
+   - both: backward, just before the layer's backward, post an allgather of
+     its output errors dY (4 B N_out bytes); the layer's backward no longer
+     forms the weight gradient, so it costs (1 - FC_WEIGHT_GRAD_SHARE) x
+     bwd_s; no reduce-scatter is posted (bias included);
+   - both: after backprop (finish_step, input side first), wait for the two
+     exchanges, then compute this rank's part of the weight gradient over
+     the global batch: 2 B N_in N_out / P FLOPs, the FLOPs of the per-rank
+     weight-gradient GEMM (2 (B/P) N_in N_out) it replaces, so it costs
+     FC_WEIGHT_GRAD_SHARE x bwd_s (the bias slice, a column sum of dY, is
      neglected); then the 1/P update and the weight allgather as for a conv
      layer.
+   - Under ``"alltoall"`` and ``"auto"`` a Linear layer owns weight columns
+     (rows of W^T): the next forward copies W from the gathered W^T, and on
+     the reduce-scatter path the gradient is transposed before it is posted;
+     both copies are charged at ``copy_s_per_byte``.
 
-   ``multistep-fc`` is **model only**: the paper's (MLHPC'18) FC path, which
-   the engine does not implement. It differs from multistep's activation
-   path only in the exchange of X, an all-to-all of B/P x N_in / P values per
-   rank pair instead of an allgather, and takes that path for every Linear
-   layer (no auto choice); hooks, waits and compute are the same.
+   ``multistep-alltoall``, ``multistep-activations`` and
+   ``multistep-reduce_scatter`` (`FC_VARIANTS`) are multistep with that
+   ``fc_mode`` fixed, so that one sweep compares the paths side by side.
 
 The simulation runs a few iterations back to back and reports the last one
 (the steady state, where the deferred updates and allgathers of iteration k are
@@ -103,23 +109,20 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from engine.strategies.bucketed import bucket_indices
+from engine.strategies.multistep import FC_MODES, choose_fc_mode
 
-__all__ = ["ALLREDUCE_ALGORITHMS", "AutoThresholds", "FC_MODES", "FC_WEIGHT_GRAD_SHARE",
-           "MODEL_ONLY_STRATEGIES", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
+__all__ = ["ALLREDUCE_ALGORITHMS", "AutoThresholds", "FC_MODES", "FC_VARIANTS",
+           "FC_WEIGHT_GRAD_SHARE", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
            "Profile", "Result", "algorithm_time", "allgather_time", "allreduce_time",
            "alltoall_time", "auto_thresholds", "blocking_comm_time", "fc_path", "form_buckets",
-           "load_profile", "lower_bound", "recursive_doubling_time", "reduce_scatter_time",
-           "ring_time", "scale_layers", "sent_bytes", "simulate"]
+           "fuse_units", "load_profile", "lower_bound", "recursive_doubling_time",
+           "reduce_scatter_time", "ring_time", "scale_layers", "sent_bytes", "simulate"]
 
 #: strategies the engine implements (engine/strategies/*.py)
 STRATEGIES = ("blocking", "layerwise", "bucketed", "priority", "multistep")
-#: model only: the paper's FC variant of multistep (all-to-all of the FC
-#: inputs, allgather of the errors, for every Linear layer); the engine's
-#: multistep gathers the inputs whole instead (see the module docstring).
-MODEL_ONLY_STRATEGIES = ("multistep-fc",)
-
-#: multistep's ``fc_mode`` values (engine/strategies/multistep.py FC_MODES)
-FC_MODES = ("activations", "reduce_scatter", "auto")
+#: multistep with a fixed ``fc_mode`` (engine/strategies/multistep.py FC_MODES),
+#: to compare the FC paths in one sweep
+FC_VARIANTS = tuple(f"multistep-{mode}" for mode in FC_MODES if mode != "auto")
 
 #: Share of a Linear layer's profiled backward that is the weight-gradient
 #: GEMM dW = dY^T X. dW and dX = dY W cost 2 b N_in N_out FLOPs each; the bias
@@ -214,6 +217,10 @@ class Engine:
     #: "auto"'s thresholds; None: the model's own (`auto_thresholds(net, P)`),
     #: as the Exchanger computes them from the same netfit file
     auto: AutoThresholds | None = None
+    #: one collective per unit (a conv and its batch norm, a layer's weight and
+    #: bias; cnn Model.param_groups), as the engine does; False: one per tensor,
+    #: the engine before units (to compare)
+    fuse_units: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ class LayerCost:
 
     ``fwd_s`` and ``bwd_s`` include the parameter-free layers attributed to
     this one (see analysis/profile.py); ``param_bytes`` lists the gradient bytes
-    of each parameter tensor (layerwise/priority post one request per tensor).
+    of each parameter tensor (`Engine.fuse_units` False: layerwise/priority
+    post one request per tensor).
     """
 
     name: str
@@ -657,41 +665,68 @@ class _Thread:
         return r
 
 
+def fuse_units(layers) -> list:
+    """The engine's units (cnn ``natural_units``): a conv and the batch norm right after it
+    become one LayerCost (times and bytes summed; hooks at the conv's index)."""
+    out, i = [], 0
+    while i < len(layers):
+        a = layers[i]
+        b = layers[i + 1] if i + 1 < len(layers) else None
+        if a.kind == "conv" and b is not None and b.kind == "batchnorm":
+            out.append(replace(a, name=f"{a.name}+{b.name}", params=a.params + b.params,
+                               grad_bytes=a.grad_bytes + b.grad_bytes, fwd_s=a.fwd_s + b.fwd_s,
+                               bwd_s=a.bwd_s + b.bwd_s, update_s=a.update_s + b.update_s,
+                               flops_fwd=a.flops_fwd + b.flops_fwd,
+                               param_bytes=a.tensors + b.tensors))
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return [replace(layer, index=k) for k, layer in enumerate(out)]
+
+
 def form_buckets(layers, bucket_bytes: int) -> list[list[int]]:
     """Layer indices per bucket, formed by the strategy's own rule (bucketed.bucket_indices)."""
     return bucket_indices([layer.grad_bytes for layer in layers], bucket_bytes)
 
 
-def fc_path(layer: LayerCost, global_batch: float, fc_mode: str = "auto") -> str:
-    """How multistep exchanges `layer`'s gradient: ``"activations"`` or ``"reduce_scatter"``.
+def fc_path(layer: LayerCost, global_batch: float, fc_mode: str = "auto", P: int = 1) -> str:
+    """How multistep exchanges `layer`'s gradient: ``"alltoall"``, ``"activations"`` or
+    ``"reduce_scatter"``.
 
-    engine/strategies/multistep.py (``ActivationExchange.chooses_activations``):
-    only Linear layers may take the activation path; with ``fc_mode="auto"``
-    they do when B (N_in + N_out) < N_in N_out, B the global batch (the values
-    each rank receives on the two paths, both x (P-1)/P, the weight
-    allgather aside). A layer whose shape is unknown (``in_features`` 0)
-    takes the conv path.
+    The engine's rule (engine/strategies/multistep.py, `choose_fc_mode`): only
+    Linear layers leave the conv path; ``"auto"`` takes the path with the
+    fewest values per rank at global batch B on P ranks. A layer whose shape
+    is unknown (``in_features`` 0) takes the conv path.
     """
     if fc_mode not in FC_MODES:
         raise ValueError(f"fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
     n_in, n_out = layer.in_features, layer.out_features
     if layer.kind != "linear" or fc_mode == "reduce_scatter" or n_in <= 0 or n_out <= 0:
         return "reduce_scatter"
-    if fc_mode == "activations":
-        return "activations"
-    return "activations" if global_batch * (n_in + n_out) < n_in * n_out else "reduce_scatter"
+    if fc_mode != "auto":
+        return fc_mode
+    return choose_fc_mode(int(global_batch), n_in, n_out, P)
 
 
-def _fc_layers(strategy: str, layers, global_batch: float, fc_mode: str) -> dict:
-    """{layer index: (N_in, N_out)} of the layers on the activation path this step."""
-    if strategy == "multistep":
-        mode = fc_mode
-    elif strategy == "multistep-fc":
-        mode = "activations"         # the paper: every FC layer
-    else:
+def _fc_layers(strategy: str, layers, global_batch: float, fc_mode: str, P: int) -> dict:
+    """{layer index: (N_in, N_out, path)} of the Linear layers off the conv path this step."""
+    if strategy != "multistep":
         return {}
-    return {i: (l.in_features, l.out_features) for i, l in enumerate(layers)
-            if fc_path(l, global_batch, mode) == "activations"}
+    out = {}
+    for i, layer in enumerate(layers):
+        path = fc_path(layer, global_batch, fc_mode, P)
+        if path != "reduce_scatter":
+            out[i] = (layer.in_features, layer.out_features, path)
+    return out
+
+
+def _transposed_layers(strategy: str, layers, fc_mode: str) -> dict:
+    """{layer index: weight bytes} of the Linear layers that own weight columns (W^T rows)."""
+    if strategy != "multistep" or fc_mode not in ("alltoall", "auto"):
+        return {}
+    return {i: 4 * l.in_features * l.out_features for i, l in enumerate(layers)
+            if l.kind == "linear" and l.in_features > 0 and l.out_features > 0}
 
 
 def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile, engine: Engine,
@@ -700,8 +735,17 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
     L = len(layers)
     copy = prof.copy_s_per_byte
     pending = state.setdefault("pending", {})       # layer -> requests to wait for in pre_forward
-    fc = state["fc"]                  # multistep: layers on the activation path
+    fc = state["fc"]                  # multistep: FC layers on the alltoall / activations path
+    transposed = state["transposed"]  # multistep: FC layers owning W^T rows -> weight bytes
     gathers = {}                      # layer -> [inputs request, errors request]
+
+    def tensors(i):
+        """Bytes of each request of layer i: one per unit, or per tensor (Engine.fuse_units
+        False, and multistep's FC layers off the conv path)."""
+        if engine.fuse_units and i not in fc and i not in transposed:
+            return (layers[i].grad_bytes,)
+        return layers[i].tensors
+
     # ---- forward (pre_forward hooks) ----
     for i, layer in enumerate(layers):
         if strategy in ("layerwise", "priority"):
@@ -714,19 +758,21 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
                 for r in pending.pop(i):
                     th.wait(r)
                 th.compute(layer.update_s)
-        elif strategy in ("multistep", "multistep-fc"):
-            for r in pending.pop(i, ()):
+        elif strategy == "multistep":
+            waited = pending.pop(i, ())
+            for r in waited:
                 th.wait(r)
+            if waited and i in transposed:
+                th.compute(copy * transposed[i])       # W = (W^T)^T after the rows' allgather
+        if i in fc and fc[i][2] == "alltoall":
+            # the Linear wrapper, before its forward: all-to-all of X, B/P x N_in/P per pair
+            gathers[i] = [th.post("alltoall", 4 * global_batch / P * fc[i][0], i,
+                                  f"alltoall inputs {i}")]
         th.compute(layer.fwd_s)
-        if i in fc:
-            # the Linear wrapper, after its forward: exchange the input X (B/P x N_in per rank)
-            n_in = fc[i][0]
-            if strategy == "multistep":      # allgather into B x N_in
-                gathers[i] = [th.post("allgather", 4 * global_batch * n_in, i,
-                                      f"allgather inputs {i}")]
-            else:                            # the paper: all-to-all, B/P x N_in/P per pair
-                gathers[i] = [th.post("alltoall", 4 * global_batch / P * n_in, i,
-                                      f"alltoall inputs {i}")]
+        if i in fc and fc[i][2] == "activations":
+            # the Linear wrapper, after its forward: allgather of X into B x N_in
+            gathers[i] = [th.post("allgather", 4 * global_batch * fc[i][0], i,
+                                  f"allgather inputs {i}")]
     # ---- backward (grad_ready hooks) ----
     rs = {}
     for i in reversed(range(L)):
@@ -741,7 +787,7 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         th.compute(bwd + prof.check_s_per_byte * layer.grad_bytes)
         if strategy in ("layerwise", "priority"):
             prio = i if strategy == "priority" else 0
-            pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in layer.tensors]
+            pending[i] = [th.post("allreduce", b, prio, f"allreduce {i}") for b in tensors(i)]
         elif strategy == "bucketed":
             for bucket in state["buckets"]:
                 if bucket[0] == i:
@@ -750,9 +796,11 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
                     r = th.post("allreduce", nbytes, 0, f"bucket {bucket[0]}..{bucket[-1]}")
                     for j in bucket:
                         pending[j] = [r]
-        elif strategy in ("multistep", "multistep-fc") and i not in fc:
+        elif strategy == "multistep" and i not in fc:
+            if i in transposed:
+                th.compute(copy * transposed[i])       # G^T, reduce-scattered by rows
             rs[i] = [th.post("reduce_scatter", b, i, f"reduce-scatter {i}")
-                     for b in layer.tensors]
+                     for b in tensors(i)]
     # ---- end_backward ----
     total = sum(l.grad_bytes for l in layers)
     flat = None
@@ -770,16 +818,16 @@ def _iteration(strategy, layers, th: _Thread, state: dict, P: int, prof: Profile
         th.compute(sum(l.update_s for l in layers))
     elif strategy in ("layerwise", "priority"):
         state["update_deferred"] = True
-    elif strategy in ("multistep", "multistep-fc"):
+    elif strategy == "multistep":
         for i in range(L):
             for r in rs.get(i, ()) or gathers.get(i, ()):
                 th.wait(r)
             if i in fc:
-                # this rank's band of output rows over the global batch: (1/P) dY[:, band]^T X,
-                # 2 B N_in N_out / P FLOPs = the per-rank dW GEMM skipped in backprop
+                # this rank's part of the gradient over the global batch (rows of W^T or a
+                # band of W), 2 B N_in N_out / P FLOPs = the per-rank dW GEMM skipped in backprop
                 th.compute(FC_WEIGHT_GRAD_SHARE * layers[i].bwd_s)
             th.compute(layers[i].update_s / P)
-            pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in layers[i].tensors]
+            pending[i] = [th.post("allgather", b, i, f"allgather {i}") for b in tensors(i)]
     if bn is not None:
         th.wait(bn)
 
@@ -795,7 +843,7 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
         Per-rank costs at the per-rank batch (already scaled to the target).
     net : Network
     strategy : str
-        One of STRATEGIES or MODEL_ONLY_STRATEGIES.
+        One of STRATEGIES or FC_VARIANTS (multistep with that ``fc_mode``).
     P : int
         Ranks.
     engine : Engine
@@ -804,32 +852,37 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
     iterations : int
         Back-to-back iterations simulated; the last one is reported.
     global_batch : int, optional
-        Only for ``multistep`` and ``multistep-fc`` (the FC path's choice and
-        activation volumes); default P x batch_per_rank.
-    fc_mode : {"auto", "activations", "reduce_scatter"}
+        Only for ``multistep`` (the FC path's choice and activation volumes);
+        default P x batch_per_rank.
+    fc_mode : {"auto", "alltoall", "activations", "reduce_scatter"}
         ``multistep``'s option of the same name (engine/strategies/multistep.py);
-        ignored by the other strategies (``multistep-fc`` takes the paper's
-        path for every Linear layer).
+        ignored by the other strategies and by FC_VARIANTS (which fix it).
 
     Returns
     -------
     Result
     """
-    if strategy not in STRATEGIES + MODEL_ONLY_STRATEGIES:
+    if strategy not in STRATEGIES + FC_VARIANTS:
         raise ValueError(f"unknown strategy {strategy!r}")
+    name = strategy
+    if strategy in FC_VARIANTS:
+        strategy, fc_mode = "multistep", strategy[len("multistep-"):]
     if P < 1:
         raise ValueError(f"P must be >= 1, got {P}")
     if fc_mode not in FC_MODES:
         raise ValueError(f"fc_mode must be one of {FC_MODES}, got {fc_mode!r}")
     layers = list(layers)
     prof = profile or Profile(layers)
+    if engine.fuse_units and strategy in ("layerwise", "priority", "multistep"):
+        layers = fuse_units(layers)
     if global_batch is None:
         global_batch = P * prof.batch_per_rank
     channel = Channel(net, P, engine)
     channel.log = [] if trace else None
     th = _Thread(channel)
     state = {"buckets": form_buckets(layers, engine.bucket_bytes),
-             "fc": _fc_layers(strategy, layers, global_batch, fc_mode)}
+             "fc": _fc_layers(strategy, layers, global_batch, fc_mode, P),
+             "transposed": _transposed_layers(strategy, layers, fc_mode)}
     starts = []
     for _ in range(iterations):
         starts.append((th.t, th.busy, channel.busy_s, channel.sent_bytes))
@@ -845,7 +898,7 @@ def simulate(layers, net: Network, strategy: str, P: int, *, engine: Engine = En
     exposed = iter_s - compute_s
     denominator = min(compute_s, comm_s)
     efficiency = (compute_s + comm_s - iter_s) / denominator if denominator > 0 else 1.0
-    result = Result(strategy, P, iter_s, compute_s, comm_s, exposed, efficiency, busy, thread_s,
+    result = Result(name, P, iter_s, compute_s, comm_s, exposed, efficiency, busy, thread_s,
                     sent)
     if trace:
         result.waits = channel.log

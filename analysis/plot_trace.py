@@ -18,7 +18,8 @@ import json
 import sys
 
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "wait": "tab:red",
-          "allreduce": "tab:green", "reduce_scatter": "tab:purple", "allgather": "tab:brown"}
+          "allreduce": "tab:green", "reduce_scatter": "tab:purple", "allgather": "tab:brown",
+          "alltoall": "tab:olive"}
 THREAD_NAMES = {0: "compute", 1: "waits", 2: "progress"}
 
 

@@ -32,13 +32,14 @@ Compute scaling, documented choices
 4. The SGD update scales with the core factor and the threads like compute;
    multistep updates 1/P of it.
 5. multistep's FC layers (engine/strategies/multistep.py, ``--fc-mode``,
-   default auto): per layer, the activation path (allgather of the inputs and
-   of the errors, a local slice GEMM over the global batch after backprop)
-   when B (N_in + N_out) < N_in N_out, else the reduce-scatter of the conv
-   path; the slice GEMM is charged half the layer's backward (the dW GEMM it
-   replaces, see costmodel.FC_WEIGHT_GRAD_SHARE). ``multistep-fc`` is the
-   paper's all-to-all variant, modelled only (the engine does not implement
-   it): dashed in the plots, "(model only)" in the tables.
+   default auto): per layer, the path that moves the fewest values per rank:
+   the paper's all-to-all of the inputs (B (N_in/P + N_out)), the allgather
+   of the inputs (B (N_in + N_out), never fewer) or the reduce-scatter of the
+   conv path (N_in N_out); off the conv path, the local GEMM over the global
+   batch after backprop is charged half the layer's backward (the dW GEMM it
+   replaces, see costmodel.FC_WEIGHT_GRAD_SHARE). ``multistep-alltoall``,
+   ``multistep-activations`` and ``multistep-reduce_scatter`` are multistep
+   with that fc_mode fixed (dashed in the plots), to compare the paths.
 
 Layouts
 -------
@@ -68,7 +69,9 @@ from analysis import costmodel as cm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 MACHINES = os.path.join(ROOT, "bench", "machines")
-SIM_STRATEGIES = cm.STRATEGIES + cm.MODEL_ONLY_STRATEGIES
+# the default sweep: every strategy, and multistep with the paper's FC path and the conv
+# path fixed (the activations path never moves fewer values than the all-to-all)
+SIM_STRATEGIES = cm.STRATEGIES + ("multistep-alltoall", "multistep-reduce_scatter")
 
 #: docs/algorithm.md §3. cores or nodes, speedup, baseline, global batch (None: not stated there).
 PUBLISHED = {
@@ -99,9 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--procs", default=None,
                    help="comma-separated process counts (nodes in the node layout)")
     p.add_argument("--layout", choices=("node", "core"), default="node")
-    p.add_argument("--strategies", default=",".join(SIM_STRATEGIES))
+    p.add_argument("--strategies", default=",".join(SIM_STRATEGIES),
+                   help=f"comma-separated, from {', '.join(cm.STRATEGIES + cm.FC_VARIANTS)}")
     p.add_argument("--fc-mode", choices=cm.FC_MODES, default="auto",
                    help="multistep's fc_mode (engine/strategies/multistep.py); default auto")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one collective per parameter tensor, as the engine did before "
+                        "units (cnn Model.param_groups): to compare")
     p.add_argument("--serial-fraction", type=float, default=None,
                    help="override the machine file's Amdahl serial fraction (thread scaling)")
     p.add_argument("-o", "--output", default=None, help="output prefix (JSON/MD/PNG)")
@@ -135,8 +142,10 @@ def find_profile(model: str) -> str:
 class Target:
     """The profiled model moved onto one machine: per-process costs for any layout."""
 
-    def __init__(self, profile: cm.Profile, machine: dict, fc_mode: str = "auto"):
+    def __init__(self, profile: cm.Profile, machine: dict, fc_mode: str = "auto",
+                 fuse_units: bool = True):
         self.profile, self.machine, self.fc_mode = profile, machine, fc_mode
+        self.fuse_units = fuse_units
         here = profile.meta.get("machine", {}).get("sgemm_gflops_1thread")
         self.sgemm_here = here
         if not here:
@@ -165,7 +174,7 @@ class Target:
         return cm.Network.from_dict(d)
 
     def engine(self) -> cm.Engine:
-        return cm.Engine(**self.machine.get("engine", {}))
+        return cm.Engine(**dict(self.machine.get("engine", {}), fuse_units=self.fuse_units))
 
 
 def configuration(cores: int, layout: str, cpn: int) -> tuple[int, int, int]:
@@ -215,8 +224,8 @@ def sweep(target: Target, strategies, cores_list, batch: int, layout: str, base_
 # ---------------------------------------------------------------------------
 
 def label(strategy: str) -> str:
-    """The strategy's name in tables and plots; model-only variants say so."""
-    return f"{strategy} (model only)" if strategy in cm.MODEL_ONLY_STRATEGIES else strategy
+    """The strategy's name in tables and plots (multistep with --fc-mode=X: multistep-X)."""
+    return strategy
 
 
 def markdown(rows, strategies, title: str, unit: str = "cores") -> str:
@@ -244,8 +253,7 @@ def recommend(rows, unit: str, min_efficiency: float = 0.7) -> str:
     "Pays" = parallel efficiency of the best strategy, relative to the smallest
     count in the list, stays >= `min_efficiency`.
     """
-    every = [r for r in rows if r["feasible"]]
-    ok = [r for r in every if r["strategy"] in cm.STRATEGIES]    # what the engine implements
+    ok = [r for r in rows if r["feasible"]]
     counts = sorted({r["procs"] for r in ok})
     best = {c: min((r for r in ok if r["procs"] == c), key=lambda r: r["iter_ms"]) for c in counts}
     fastest = min(best.values(), key=lambda r: r["iter_ms"])
@@ -260,18 +268,7 @@ def recommend(rows, unit: str, min_efficiency: float = 0.7) -> str:
             f"({worth['iter_ms']:.1f} ms/iteration, {worth['images_per_s']:.0f} images/s), the "
             f"largest count keeping >= {100 * min_efficiency:.0f} % efficiency relative to "
             f"{counts[0]} {name}; fastest overall: {fastest['strategy']} on {fastest['procs']} "
-            f"{name} ({fastest['iter_ms']:.1f} ms, {fastest['speedup']:.0f}x over one core)."
-            + _model_only_note(every, fastest))
-
-
-def _model_only_note(rows, fastest) -> str:
-    """Mention the paper's FC variant of multistep when it would be clearly faster."""
-    same = [r for r in rows if r["procs"] == fastest["procs"]
-            and r["strategy"] in cm.MODEL_ONLY_STRATEGIES]
-    better = [r for r in same if r["iter_ms"] < 0.95 * fastest["iter_ms"]]
-    return "".join(f" ({r['strategy']}, the paper's all-to-all FC path, modelled only (not "
-                   f"implemented by the engine), would take {r['iter_ms']:.1f} ms there.)"
-                   for r in better)
+            f"{name} ({fastest['iter_ms']:.1f} ms, {fastest['speedup']:.0f}x over one core).")
 
 
 def plot(panels, path: str, rows: int = 1) -> None:
@@ -287,7 +284,7 @@ def plot(panels, path: str, rows: int = 1) -> None:
                    if r["strategy"] == s and r["feasible"]]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=label(s),
-                        linestyle="--" if s in cm.MODEL_ONLY_STRATEGIES else "-")
+                        linestyle="--" if s in cm.FC_VARIANTS else "-")
         xs = sorted({r["cores"] for r in panel["rows"]})
         ax.plot(xs, [x / panel.get("base_cores", 1) for x in xs], color="grey", lw=0.8,
                 linestyle=":", label="ideal")
@@ -315,11 +312,11 @@ def published_comparison(args) -> None:
     md.append(f"# Simulated strong scaling on {machine.get('name')}\n")
     md.append("Generated by `python -m bench.simulate`; the model and its assumptions are in "
               "bench/simulate.py and bench/results/simulate_notes.md. multistep: the engine's "
-              f"strategy, FC layers with fc_mode={args.fc_mode}; multistep-fc: the paper's "
-              "all-to-all FC path, modelled only (not implemented by the engine).\n")
+              f"strategy, FC layers with fc_mode={args.fc_mode}; multistep-X: multistep with "
+              "fc_mode=X (alltoall: the paper's FC path).\n")
     for model in ("vgg16", "resnet50"):
         path = find_profile(model)
-        target = Target(cm.load_profile(path), machine, args.fc_mode)
+        target = Target(cm.load_profile(path), machine, args.fc_mode, not args.per_tensor)
         pub = PUBLISHED[model][0]
         for layout in ("node", "core"):
             for batch in (MLHPC_BATCH, MLHPC_BATCH_ALT):
@@ -343,7 +340,7 @@ def published_comparison(args) -> None:
                                                   "label": pub["source"]}]})
     # HiPC'17: VGG-A, 1..128 nodes, speedup over one node
     path = find_profile("vgga")
-    target = Target(cm.load_profile(path), machine, args.fc_mode)
+    target = Target(cm.load_profile(path), machine, args.fc_mode, not args.per_tensor)
     cpn = target.cpn
     for pub in PUBLISHED["vgga"]:
         rows = sweep(target, strategies, [cpn * 2 ** k for k in range(0, 8)], pub["batch"], "node",
@@ -386,7 +383,7 @@ def question(args) -> None:
     """The user's question: this model, batch and machine: which strategy, how many nodes?"""
     machine = load_machine(args.machine, args.serial_fraction)
     target = Target(cm.load_profile(args.profile or find_profile(args.model)), machine,
-                    args.fc_mode)
+                    args.fc_mode, not args.per_tensor)
     strategies = args.strategies.split(",")
     procs = [int(p) for p in (args.procs or "1,2,4,8,16,32,64,128,256").split(",")]
     per = 1 if args.layout == "core" else target.cpn
@@ -395,8 +392,8 @@ def question(args) -> None:
     print(f"{args.model}, global batch {args.batch}, {machine.get('name')}, one process per "
           f"{args.layout}; iteration time in ms (speedup over one core)")
     print(f"multistep: fc_mode={args.fc_mode}" + "".join(
-        f"; {s}: the paper's all-to-all FC path, model only (not implemented by the engine)"
-        for s in strategies if s in cm.MODEL_ONLY_STRATEGIES))
+        f"; {s}: multistep with fc_mode={s[len('multistep-'):]}"
+        for s in strategies if s in cm.FC_VARIANTS))
     print(f"{unit:>6} " + " ".join(f"{s:>18}" for s in strategies))
     for p in procs:
         cells = []
@@ -407,9 +404,7 @@ def question(args) -> None:
         print(f"{p:>6} " + " ".join(cells))
     best = {}
     for p in procs:
-        # what the engine implements (model-only variants are in the table and the note)
-        ok = [r for r in rows if r["procs"] == p and r["feasible"]
-              and r["strategy"] in cm.STRATEGIES]
+        ok = [r for r in rows if r["procs"] == p and r["feasible"]]
         if ok:
             best[p] = min(ok, key=lambda r: r["iter_ms"])["strategy"]
     print("fastest per count: " + ", ".join(f"{p}: {s}" for p, s in best.items()))
@@ -417,7 +412,8 @@ def question(args) -> None:
     if args.output:
         with open(args.output + ".json", "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "machine": machine.get("name"),
-                       "layout": args.layout, "fc_mode": args.fc_mode, "rows": rows}, f, indent=1)
+                       "layout": args.layout, "fc_mode": args.fc_mode,
+                       "per_tensor": args.per_tensor, "rows": rows}, f, indent=1)
 
 
 def main(argv=None):

@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
     p.add_argument("--poll-us", type=int, default=200)
-    p.add_argument("--fc-mode", default="auto", choices=("activations", "reduce_scatter", "auto"))
+    p.add_argument("--fc-mode", default="auto",
+                   choices=("auto", "alltoall", "activations", "reduce_scatter"))
     p.add_argument("--algorithm", default="mpi", choices=ALGORITHMS,
                    help="the exchanger's allreduce algorithm (auto: $EXCHANGER_NETFIT's link)")
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from ext import _progress
 __all__ = ["ALGORITHMS", "Exchanger", "Handle", "ExchangeError", "partition"]
 
 _STATE_QUEUED, _STATE_AGREED, _STATE_DONE, _STATE_FAILED = range(4)
-_KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2}
+_KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2, "alltoall": 3}
 _OPS = ("mean", "sum")
 #: allreduce algorithms: MPI_Iallreduce, or the progress thread's own (ext/_algorithms.pxi)
 _ALGORITHM_CODES = {"mpi": 0, "recursive_doubling": 1, "ring": 2}
@@ -71,9 +71,15 @@ def partition(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int,
-               algorithm: str = "mpi") -> int:
-    """A hash every rank computes alike for the same collective (checked across ranks)."""
-    text = f"{kind}:{count}:{dtype.str}:{op}:{priority}:{algorithm}".encode()
+               algorithm: str = "mpi", row: int = 1) -> int:
+    """A hash every rank computes alike for the same collective (checked across ranks).
+
+    `row` is the partition's unit in elements (1: flat elements; an all-to-all
+    of an (n, m) array partitions rows of m), so that two arrays of the same
+    size split differently never pass for the same collective; `algorithm` is
+    the allreduce algorithm, which every rank must run alike.
+    """
+    text = f"{kind}:{count}:{dtype.str}:{op}:{priority}:{algorithm}:{row}".encode()
     return (zlib.crc32(text) << 20) ^ (count & 0xFFFFF)
 
 
@@ -183,7 +189,7 @@ class Handle:
 
 
 class Exchanger:
-    """Non-blocking allreduce / reduce-scatter / allgather through a progress thread.
+    """Non-blocking allreduce / reduce-scatter / allgather / all-to-all through a progress thread.
 
     Parameters
     ----------
@@ -338,7 +344,7 @@ class Exchanger:
         return self._auto
 
     def reduce_scatter_async(self, array: np.ndarray, out: np.ndarray, *, op: str = "mean",
-                             priority: int = 0) -> Handle:
+                             priority: int = 0, rows: bool = False) -> Handle:
         """Each rank receives the reduced slice it owns under `partition(array.size, P)`.
 
         Parameters
@@ -346,33 +352,77 @@ class Exchanger:
         array : ndarray of n elements (any shape), float32 or float64, C-contiguous
             Read only; must not change until the handle completes.
         out : ndarray of partition(n, P)[rank].count elements, same dtype
+        rows : bool
+            Partition the first axis of `array` (shape (m, *rest)) instead of
+            its flat elements: rank r owns rows ``partition(m, P)[r]`` and
+            `out` holds count x prod(rest) elements.
         """
         _check_array("array", array, writable=False)
         _check_array("out", out, writable=True)
         self._check_op(op)
         self._check_same_dtype(array, out)
-        offset, count = self.partition(array.size)[self.rank]
+        counts, row = self._blocks(array, rows)
+        offset, count = sum(counts[:self.rank]), counts[self.rank]
         if out.size != count:
             raise ValueError(f"out has {out.size} elements but rank {self.rank} owns {count} "
                              f"of {array.size} (slice [{offset}, {offset + count}))")
-        return self._post("reduce_scatter", array, out, array.size, op, priority, (array, out))
+        return self._post("reduce_scatter", array, out, array.size, op, priority, (array, out),
+                          counts=counts, row=row)
 
     def allgather_async(self, slice_array: np.ndarray, out: np.ndarray, *,
-                        priority: int = 0) -> Handle:
+                        priority: int = 0, rows: bool = False) -> Handle:
         """Gather every rank's slice into `out` (n elements) under `partition(n, P)`.
 
         `slice_array` may be the view `out.reshape(-1)[offset:offset + count]`
-        of this rank's own slice (then the gather runs in place).
+        of this rank's own slice (then the gather runs in place). With
+        ``rows=True`` the slices are the first-axis partition of `out`, as in
+        `reduce_scatter_async`.
         """
         _check_array("slice_array", slice_array, writable=False)
         _check_array("out", out, writable=True)
         self._check_same_dtype(slice_array, out)
-        offset, count = self.partition(out.size)[self.rank]
+        counts, row = self._blocks(out, rows)
+        offset, count = sum(counts[:self.rank]), counts[self.rank]
         if slice_array.size != count:
             raise ValueError(f"slice_array has {slice_array.size} elements but rank {self.rank} "
                              f"owns {count} of {out.size}")
         return self._post("allgather", slice_array, out, out.size, "sum", priority,
-                          (slice_array, out), in_place_offset=offset)
+                          (slice_array, out), in_place_offset=offset, counts=counts, row=row)
+
+    def alltoall_async(self, send: np.ndarray, recv: np.ndarray, *, priority: int = 0) -> Handle:
+        """Block q of `send` goes to rank q; block r of every rank lands in this rank's `recv`.
+
+        The blocks are the standard partition of `send`'s first axis: with
+        ``send`` of shape (n, *rest), ``partition(n, P)[q]`` gives the rows of
+        block q (a 1-D array: its elements). Rank r receives, from every rank
+        p in rank order, p's block r: ``recv[p] = send_p[rows of block r]``,
+        the transpose of the (sender, receiver) matrix of blocks
+        (MPI_Ialltoallv, chunked: chunk c is piece c of every block).
+
+        Parameters
+        ----------
+        send : ndarray of shape (n, *rest), float32 or float64, C-contiguous
+            Read only; n and rest the same on every rank; must not change
+            until the handle completes.
+        recv : ndarray of shape (P, count, *rest) or any shape of that size, same dtype
+            ``count = partition(n, P)[rank][1]``; must not overlap `send`.
+        priority : int
+            Lower values are posted first.
+        """
+        _check_array("send", send, writable=False)
+        _check_array("recv", recv, writable=True)
+        self._check_same_dtype(send, recv)
+        counts, row = self._blocks(send, rows=True)
+        if recv.size != self.size * counts[self.rank]:
+            raise ValueError(
+                f"recv has {recv.size} elements but rank {self.rank} receives {self.size} "
+                f"blocks of {counts[self.rank] // max(row, 1)} rows x {row} = "
+                f"{self.size * counts[self.rank]} (send of shape {send.shape} over "
+                f"{self.size} ranks)")
+        if max(send.size, recv.size) > _INT_MAX:
+            raise ValueError(f"alltoall of {send.size} elements: exceeds MPI's int displacements")
+        return self._post("alltoall", send, recv, send.size, "sum", priority, (send, recv),
+                          counts=counts, row=row)
 
     def stats(self) -> dict:
         """Counters of this exchanger and the progress thread's CPU time.
@@ -425,6 +475,15 @@ class Exchanger:
         if op not in _OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {_OPS}")
 
+    def _blocks(self, array: np.ndarray, rows: bool) -> tuple[list[int], int]:
+        """Elements per rank of `array`'s partition (flat, or by first-axis rows), and the row size."""
+        if not rows:
+            return [c for _, c in self.partition(array.size)], 1
+        if array.ndim == 0:
+            raise ValueError("a 0-d array has no first axis to partition")
+        row = int(np.prod(array.shape[1:], dtype=np.int64))
+        return [c * row for _, c in self.partition(array.shape[0])], row
+
     @staticmethod
     def _check_same_dtype(a: np.ndarray, b: np.ndarray) -> None:
         if a.dtype != b.dtype:
@@ -432,16 +491,15 @@ class Exchanger:
 
     def _post(self, kind: str, buf: np.ndarray, out: np.ndarray | None, count: int, op: str,
               priority: int, arrays: tuple, in_place_offset: int = 0, fault: bool = False,
-              algorithm: str = "mpi") -> Handle:
+              algorithm: str = "mpi", counts: list[int] | None = None, row: int = 1) -> Handle:
         if self._closed:
             raise RuntimeError("the exchanger is closed; create a new Exchanger")
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
             raise TypeError(f"priority must be an int, got {type(priority).__name__}")
         if not -(2**31) <= int(priority) < 2**31:
             raise ValueError(f"priority {priority} does not fit in a C int")
-        if kind != "allreduce" and max(c for _, c in self.partition(count)) > _INT_MAX:
+        if kind != "allreduce" and max(counts) > _INT_MAX:
             raise ValueError(f"{kind} of {count} elements: a rank's slice exceeds MPI's int count")
-        counts = [c for _, c in self.partition(count)] if kind != "allreduce" else None
         self._reject_overlap(kind, buf, out, in_place_offset)
         description = (f"{kind} #{{seq}} of {count} {buf.dtype} "
                        f"(op {op}, priority {int(priority)}"
@@ -453,7 +511,7 @@ class Exchanger:
                 _KINDS[kind], _address_range(buf)[0],
                 0 if out is None else _address_range(out)[0], count, buf.itemsize, op,
                 int(priority),
-                _signature(_KINDS[kind], count, buf.dtype, op, int(priority), algorithm),
+                _signature(_KINDS[kind], count, buf.dtype, op, int(priority), algorithm, row),
                 counts, arrays, description, fault, _ALGORITHM_CODES[algorithm])
             self._pending[request.seq] = request
         return Handle(request, self)

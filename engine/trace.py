@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 __all__ = ["TraceRecorder", "chrome_events"]
 
-_KINDS = {0: "allreduce", 1: "reduce_scatter", 2: "allgather"}
+_KINDS = {0: "allreduce", 1: "reduce_scatter", 2: "allgather", 3: "alltoall"}
 _THREADS = ((0, "compute"), (1, "waits"), (2, "progress thread"))
 
 

@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20, help="bucketed strategy only")
     p.add_argument("--fc-mode", default="auto",
-                   choices=("activations", "reduce_scatter", "auto"),
+                   choices=("auto", "alltoall", "activations", "reduce_scatter"),
                    help="multistep only: how fully-connected layers get their gradient")
     p.add_argument("--lazy-layers", type=int, default=1,
                    help="lazy only: input-side layers averaged every INTERVAL iterations")

@@ -15,6 +15,7 @@ cdef enum:
     KIND_ALLREDUCE = 0
     KIND_REDUCE_SCATTER = 1
     KIND_ALLGATHER = 2
+    KIND_ALLTOALL = 3
 
 cdef enum:
     # How an allreduce chunk is run (ext/_algorithms.pxi)
@@ -36,8 +37,10 @@ ctypedef struct request_t:
     int in_place            # allgather: the slice already sits in `out`
     int fault               # test hook: post with MPI_OP_NULL (MPI rejects it)
     int algorithm           # allreduce: ALGORITHM_*
-    char* buf               # allreduce: data (in place); reduce-scatter/allgather: send buffer
-    char* out               # reduce-scatter: this rank's slice; allgather: full result
+    char* buf               # allreduce: data (in place); the others: send buffer
+    # out: reduce-scatter: this rank's slice; allgather: the full result;
+    # all-to-all: P blocks of counts[rank] elements, one from each rank
+    char* out
     long long count         # elements in the full array
     int itemsize
     MPI_Datatype dtype
@@ -65,7 +68,9 @@ ctypedef struct slot_t:
     int chunk
     long long nbytes
     double t_post
-    int* counts                 # reduce-scatter / allgather chunk: each rank's piece
+    # reduce-scatter / allgather chunk: each rank's piece (all-to-all: 4 x size
+    # ints, see post_alltoall_chunk)
+    int* counts
     int* displs                 # allgather chunk: where each piece lands in `out`
     char* staging               # reduce-scatter: pieces packed; our algorithms: received partial
     int step                    # our allreduce algorithms: the step in flight

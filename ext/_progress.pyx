@@ -4,7 +4,8 @@ collectives and drives them to completion while Python computes.
 
 Python (engine/exchanger.py) validates arrays and enqueues requests here; the
 thread negotiates with its peers which requests every rank has enqueued, posts
-their chunks as MPI_Iallreduce / MPI_Ireduce_scatter / MPI_Iallgatherv, tests
+their chunks as MPI_Iallreduce / MPI_Ireduce_scatter / MPI_Iallgatherv /
+MPI_Ialltoallv, tests
 them, and wakes whoever waits. The thread never touches a Python object and
 never takes the GIL.
 """
@@ -17,9 +18,9 @@ from libc.limits cimport LLONG_MAX
 from mpi4py.libmpi cimport (
     MPI_Comm_rank, MPI_Comm_size, MPI_DOUBLE,
     MPI_ERR_IN_STATUS, MPI_Error_string, MPI_FLOAT, MPI_IN_PLACE, MPI_LONG_LONG,
-    MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce,
-    MPI_Ireduce_scatter, MPI_Irecv, MPI_Isend, MPI_Isendrecv, MPI_REQUEST_NULL, MPI_Status, MPI_SUCCESS,
-    MPI_SUM, MPI_TAG_UB, MPI_Comm_get_attr, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
+    MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce, MPI_Ialltoallv,
+    MPI_Ireduce_scatter, MPI_Irecv, MPI_Isend, MPI_Isendrecv, MPI_REQUEST_NULL, MPI_Status,
+    MPI_SUCCESS, MPI_SUM, MPI_TAG_UB, MPI_Comm_get_attr, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
 )
 cimport mpi4py.MPI as MPI
 
@@ -115,6 +116,42 @@ cdef void free_slot_buffers(slot_t* s) noexcept nogil:
     s.staging = NULL
 
 
+cdef int post_alltoall_chunk(engine_t* e, request_t* r, int k, int c,
+                             long long* nposted) noexcept nogil:
+    """Chunk c of an all-to-all: piece c of every block, straight from and into the arrays.
+
+    Block q of the send buffer (r.counts[q] elements at r.displs[q]) goes to
+    rank q; the block from rank p lands at p * r.counts[rank] in `out`. Chunk
+    c is elements [c*chunk_elems, (c+1)*chunk_elems) of every block, so no
+    packing is needed: MPI_Ialltoallv takes the displacements as they are.
+    Returns MPI's code, or -1 (request failed) when out of memory.
+    """
+    cdef int p
+    cdef long long offset = c * r.chunk_elems
+    cdef long long own = r.counts[e.rank]
+    cdef int* v = <int*>malloc(4 * e.size * sizeof(int))
+    cdef int* send_counts
+    cdef int* send_displs
+    cdef int* recv_counts
+    cdef int* recv_displs
+    nposted[0] = 0
+    e.slots[k].counts = v          # one allocation, freed by free_slot_buffers
+    if v == NULL:
+        return fail_post(e, k, r, b"posting")
+    send_counts = v
+    send_displs = v + e.size
+    recv_counts = v + 2 * e.size
+    recv_displs = v + 3 * e.size
+    for p in range(e.size):
+        send_counts[p] = <int>piece_length(r.counts[p], r.chunk_elems, c)
+        send_displs[p] = <int>(r.displs[p] + offset)
+        recv_counts[p] = <int>piece_length(own, r.chunk_elems, c)
+        recv_displs[p] = <int>(p * own + offset)
+        nposted[0] += send_counts[p]
+    return MPI_Ialltoallv(r.buf, send_counts, send_displs, r.dtype, r.out, recv_counts,
+                          recv_displs, r.dtype, e.comm, &e.mpi_reqs[k])
+
+
 cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
     """Post chunk `r.chunks_posted` of a request into a free slot. 0 on success."""
     cdef int c = r.chunks_posted
@@ -139,6 +176,10 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
         n = piece_length(r.count, r.chunk_elems, c)
         rc = MPI_Iallreduce(MPI_IN_PLACE, r.buf + offset * r.itemsize, <int>n, dtype,
                             MPI_OP_NULL if r.fault else r.op, e.comm, &e.mpi_reqs[k])
+    elif r.kind == KIND_ALLTOALL:
+        rc = post_alltoall_chunk(e, r, k, c, &n)
+        if rc < 0:
+            return rc
     else:
         # Chunk c of a reduce-scatter / allgather is piece c of every rank's
         # slice: elements [c*chunk_elems, (c+1)*chunk_elems) of each block.
@@ -506,7 +547,7 @@ cdef void* progress_main(void* arg) noexcept nogil:
 # ----------------------------------------------------------------------------
 
 _KIND_NAMES = {KIND_ALLREDUCE: "allreduce", KIND_REDUCE_SCATTER: "reduce_scatter",
-               KIND_ALLGATHER: "allgather"}
+               KIND_ALLGATHER: "allgather", KIND_ALLTOALL: "alltoall"}
 
 
 cdef class Request:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from analysis import costmodel as cm
 
-ALL = cm.STRATEGIES + cm.MODEL_ONLY_STRATEGIES
+ALL = cm.STRATEGIES + cm.FC_VARIANTS
 FREE = cm.Network(alpha=0.0, beta=0.0, gamma=0.0, poll_s=0.0)
 GIGABIT = cm.Network(alpha=20e-6, beta=8e-9, gamma=0.3e-9, chunk_overhead_s=10e-6, poll_s=25e-6)
 
@@ -273,43 +273,57 @@ def fc(n_in, n_out, kind="linear"):
 
 
 def test_fc_path_auto_picks_the_smaller_exchange():
-    assert cm.fc_path(fc(25088, 4096), 256) == "activations"          # VGG-16 fc6
-    assert cm.fc_path(fc(84, 10), 256) == "reduce_scatter"            # LeNet's classifier
-    assert cm.fc_path(fc(25088, 4096), 8192) == "reduce_scatter"      # 239 M > 103 M values
+    # VGG-16 fc6: the all-to-all moves 256 (25088/P + 4096) values, the gradient 103 M
+    assert cm.fc_path(fc(25088, 4096), 256, P=16) == "alltoall"
+    assert cm.fc_path(fc(84, 10), 256, P=16) == "reduce_scatter"      # LeNet's classifier
+    # B = 8192: 8192 (12544 + 4096) = 136 M > 103 M at P = 2; 8192 (3136 + 4096) = 59 M at P = 8
+    assert cm.fc_path(fc(25088, 4096), 8192, P=2) == "reduce_scatter"
+    assert cm.fc_path(fc(25088, 4096), 8192, P=8) == "alltoall"
     assert cm.fc_path(fc(84, 10), 256, "activations") == "activations"
+    assert cm.fc_path(fc(84, 10), 256, "alltoall") == "alltoall"
     assert cm.fc_path(fc(25088, 4096), 256, "reduce_scatter") == "reduce_scatter"
     assert cm.fc_path(fc(512, 512, kind="conv"), 2, "activations") == "reduce_scatter"
     assert cm.fc_path(fc(0, 0), 2) == "reduce_scatter"                # shape unknown
     with pytest.raises(ValueError, match="fc_mode"):
-        cm.fc_path(fc(8, 8), 2, "alltoall")
+        cm.fc_path(fc(8, 8), 2, "all-to-all")
     with pytest.raises(ValueError, match="fc_mode"):
         cm.simulate(net_layers(), FREE, "multistep", 2, fc_mode="nope")
 
 
 @pytest.mark.parametrize("mode", cm.FC_MODES)
 def test_fc_path_is_the_engines_choice(mode):
-    """Same rule as ActivationExchange.chooses_activations, on small real Linear layers."""
+    """The path the engine's FC wrapper takes, on small real Linear layers."""
     from types import SimpleNamespace
 
     from cnn.layers import Linear
-    from engine.strategies.multistep import ActivationExchange
+    from engine import partition
+    from engine.strategies.multistep import ActivationExchange, AllToAllExchange
 
     for n_in, n_out in ((84, 10), (64, 64), (300, 20), (20, 300), (1024, 8)):
         for P, local in ((1, 4), (2, 3), (4, 8), (8, 16), (16, 1), (64, 2)):
             layer = Linear(n_in, n_out)
-            strategy = SimpleNamespace(exchanger=SimpleNamespace(size=P), fc_mode=mode)
-            engine = ActivationExchange(0, layer, strategy)
-            expected = ("activations" if mode != "reduce_scatter"
-                        and engine.chooses_activations(local) else "reduce_scatter")
-            engine.restore()
-            assert cm.fc_path(fc(n_in, n_out), P * local, mode) == expected
+            exchanger = SimpleNamespace(size=P, rank=0, partition=lambda n, P=P: partition(n, P))
+            strategy = SimpleNamespace(exchanger=exchanger, fc_mode=mode)
+            if mode == "reduce_scatter":
+                expected = "reduce_scatter"
+            elif mode == "activations":
+                engine = ActivationExchange(0, layer, strategy)
+                expected = "activations" if engine.chooses_activations(local) else "?"
+                engine.restore()
+            else:
+                engine = AllToAllExchange(0, layer, strategy)
+                expected = "alltoall" if engine.chooses_activations(local) else "reduce_scatter"
+                engine.restore()
+            assert cm.fc_path(fc(n_in, n_out), P * local, mode, P) == expected
 
 
 def test_multistep_activations_send_far_less_for_vgg16():
     layers, P, B = vgg16_layers(), 16, 256
-    act = cm.simulate(layers, GIGABIT, "multistep", P, global_batch=B)
     rs = cm.simulate(layers, GIGABIT, "multistep", P, global_batch=B, fc_mode="reduce_scatter")
-    paper = cm.simulate(layers, GIGABIT, "multistep-fc", P, global_batch=B)
+    act = cm.simulate(layers, GIGABIT, "multistep-activations", P, global_batch=B)
+    paper = cm.simulate(layers, GIGABIT, "multistep-alltoall", P, global_batch=B)
+    auto = cm.simulate(layers, GIGABIT, "multistep", P, global_batch=B)
+    assert auto.sent_bytes == paper.sent_bytes            # auto takes the all-to-all here
     frac = (P - 1) / P
     fcs = [l for l in layers if l.kind == "linear"]
     grads = sum(l.grad_bytes for l in fcs)
@@ -330,7 +344,8 @@ def test_multistep_fc_hooks_follow_the_engine():
     after backprop, where the slice GEMM (half the FC backward) runs."""
     layers = net_layers(n=4, kinds=["conv", "conv", "linear", "linear"], fwd=0.01, bwd=0.02)
     net = cm.Network(alpha=1e-6, beta=1e-12, gamma=0.0, poll_s=0.0)
-    r = cm.simulate(layers, net, "multistep", 2, global_batch=64, iterations=1, trace=True)
+    r = cm.simulate(layers, net, "multistep-activations", 2, global_batch=64, iterations=1,
+                    trace=True)
     begin = {label: start for label, start, _ in r.waits}
     assert "reduce-scatter 1" in begin
     assert "reduce-scatter 2" not in begin and "reduce-scatter 3" not in begin
@@ -344,11 +359,26 @@ def test_multistep_fc_hooks_follow_the_engine():
                                                    for l in layers), rel=1e-3)
     # a slow link: layer 2's dY arrives long after backprop; its slice GEMM waits for it
     slow = cm.Network(alpha=1e-6, beta=1e-6, gamma=0.0, poll_s=0.0)
-    s = cm.simulate(layers, slow, "multistep", 2, global_batch=64, iterations=1, trace=True)
+    s = cm.simulate(layers, slow, "multistep-activations", 2, global_batch=64, iterations=1,
+                    trace=True)
     end = {label: e for label, _, e in s.waits}
     assert end["allgather errors 2"] > compute(layers)
     # then: slice GEMM + 1/P update of layer 2, the same for layer 3
     assert s.iter_s >= end["allgather errors 2"] + 2 * (0.01 + layers[2].update_s / 2)
+
+
+def test_multistep_alltoall_is_posted_before_the_fc_forward():
+    """The paper's path: the all-to-all of X goes out before the layer's forward."""
+    layers = net_layers(n=4, kinds=["conv", "conv", "linear", "linear"], fwd=0.01, bwd=0.02)
+    net = cm.Network(alpha=1e-6, beta=1e-12, gamma=0.0, poll_s=0.0)
+    r = cm.simulate(layers, net, "multistep", 2, global_batch=64, fc_mode="alltoall",
+                    iterations=1, trace=True)
+    begin = {label: start for label, start, _ in r.waits}
+    fwd = [sum(l.fwd_s for l in layers[:i + 1]) for i in range(4)]
+    assert begin["alltoall inputs 2"] == pytest.approx(fwd[1], abs=1e-4)
+    assert begin["alltoall inputs 3"] == pytest.approx(fwd[2], abs=1e-4)
+    assert "allgather inputs 2" not in begin and "reduce-scatter 2" not in begin
+    assert begin["allgather errors 3"] == pytest.approx(fwd[3], abs=1e-4)
 
 
 def test_multistep_fc_variant_sends_less_for_big_fc_layers():
@@ -358,7 +388,8 @@ def test_multistep_fc_variant_sends_less_for_big_fc_layers():
               for i, k in enumerate(kinds)]
     rs = cm.simulate(layers, GIGABIT, "multistep", 16, global_batch=256, fc_mode="reduce_scatter")
     a = cm.simulate(layers, GIGABIT, "multistep", 16, global_batch=256)
-    b = cm.simulate(layers, GIGABIT, "multistep-fc", 16, global_batch=256)
+    a = cm.simulate(layers, GIGABIT, "multistep-activations", 16, global_batch=256)
+    b = cm.simulate(layers, GIGABIT, "multistep-alltoall", 16, global_batch=256)
     assert b.sent_bytes < a.sent_bytes < rs.sent_bytes
     assert b.channel_busy_s < a.channel_busy_s < rs.channel_busy_s
     assert b.iter_s <= a.iter_s < rs.iter_s
@@ -378,3 +409,45 @@ def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown strategy"):
         cm.simulate(net_layers(), FREE, "nope", 2)
     assert math.isfinite(cm.simulate(net_layers(), FREE, "blocking", 2).iter_s)
+
+
+# -- one collective per unit (cnn Model.param_groups) ----------------------------------
+
+def conv_bn_layers(pairs=8):
+    """ResNet-like: (conv, batch norm) pairs, tiny tensors, so latency dominates."""
+    layers = []
+    for k in range(2 * pairs):
+        kind = "conv" if k % 2 == 0 else "batchnorm"
+        grad = 4096 if kind == "conv" else 512
+        tensors = (grad,) if kind == "conv" else (grad // 2, grad // 2)
+        layers.append(cm.LayerCost(f"l{k}", k, kind, grad // 4, grad, 1e-4, 2e-4, 1e-6,
+                                   param_bytes=tensors))
+    return layers
+
+
+def test_fuse_units_is_the_models_grouping():
+    from cnn import models
+    from cnn.models.model import natural_units
+
+    layers = conv_bn_layers(3) + [fc(64, 10)]
+    fused = cm.fuse_units(layers)
+    assert [l.name for l in fused] == ["l0+l1", "l2+l3", "l4+l5", "fc"]
+    assert [l.index for l in fused] == [0, 1, 2, 3]
+    assert fused[0].grad_bytes == 4096 + 512 and fused[0].tensors == (4096, 256, 256)
+    assert sum(l.bwd_s for l in fused) == pytest.approx(sum(l.bwd_s for l in layers))
+    model = models.build("resnet20")
+    kinds = ["conv" if type(l).__name__ == "Conv2D" else
+             "batchnorm" if type(l).__name__ == "BatchNorm2d" else "linear" for l in model.layers]
+    mirror = [cm.LayerCost(str(i), i, k, 1, 4, 0.0, 0.0, 0.0) for i, k in enumerate(kinds)]
+    assert len(cm.fuse_units(mirror)) == len(natural_units(model.layers)) == 22
+
+
+@pytest.mark.parametrize("strategy", ["layerwise", "priority", "multistep"])
+def test_one_request_per_unit_pays_the_latency_once(strategy):
+    layers, P = conv_bn_layers(), 64
+    slow_latency = cm.Network(alpha=200e-6, beta=1e-12, gamma=0.0, poll_s=0.0)
+    units = cm.simulate(layers, slow_latency, strategy, P)
+    per_tensor = cm.simulate(layers, slow_latency, strategy, P,
+                             engine=cm.Engine(fuse_units=False))
+    assert units.iter_s < per_tensor.iter_s
+    assert units.compute_s == pytest.approx(per_tensor.compute_s)     # same work, fewer requests

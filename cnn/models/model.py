@@ -11,6 +11,10 @@ relies on:
   while backward carries on below it.
 * ``state_dict`` / ``load_state_dict`` - torchvision's names and layouts, so a
   checkpoint moves between this code and PyTorch unchanged.
+* ``param_groups`` - the parameters of each natural unit (a convolution and
+  the batch norm right after it, or one layer's weight and bias) stored in
+  one flat buffer, every ``Parameter``'s ``data`` and ``grad`` a view into it,
+  so the engine exchanges a unit with one collective and no copy.
 
 Parameter names are fixed when the model is built: ``Parameter.name`` is its
 state_dict key (``layer1.0.conv1.weight``), buffers follow PyTorch's per-module
@@ -24,7 +28,7 @@ import numpy as np
 
 from .containers import Sequential
 
-__all__ = ["HookHandle", "Model", "StateDictError"]
+__all__ = ["HookHandle", "Model", "ParamGroup", "StateDictError"]
 
 #: Buffer attribute names of leaf layers, in PyTorch's registration order.
 BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -62,6 +66,78 @@ class HookHandle:
     def remove(self):
         if self._fn in self._hooks:
             self._hooks.remove(self._fn)
+
+
+class ParamGroup:
+    """Consecutive parameter layers whose parameters share one flat buffer.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        Indices into ``model.layers``, consecutive, increasing.
+    params : list of Parameter
+        Their parameters in forward order; ``p.data`` and ``p.grad`` are views
+        of `data` and `grad`.
+    data, grad : ndarray of shape (n,), float32
+        The flat storage: every parameter of the group, in order.
+    spans : dict of int to (int, int)
+        Each layer's range [start, stop) in the flat buffers.
+    """
+
+    def __init__(self, layers, leaves):
+        self.layers = tuple(layers)
+        self.params = [p for leaf in leaves for p in leaf.params]
+        n = sum(p.data.size for p in self.params)
+        self.data = np.empty(n, np.float32)
+        self.grad = np.zeros(n, np.float32)
+        self.spans, offset = {}, 0
+        for i, leaf in zip(self.layers, leaves):
+            start = offset
+            for p in leaf.params:
+                stop = offset + p.data.size
+                self.data[offset:stop] = p.data.reshape(-1)
+                self.grad[offset:stop] = p.grad.reshape(-1)
+                # Rebinding happens once, here, before any optimizer or strategy
+                # holds the arrays; from now on they are only written in place.
+                p.data = self.data[offset:stop].reshape(p.data.shape)
+                p.grad = self.grad[offset:stop].reshape(p.grad.shape)
+                offset = stop
+            self.spans[i] = (start, offset)
+
+    @property
+    def first(self) -> int:
+        """The layer whose pre-forward needs the group and whose grad-ready completes it."""
+        return self.layers[0]
+
+    def span(self, layers) -> tuple[np.ndarray, np.ndarray]:
+        """(data, grad) views of the consecutive `layers` of this group."""
+        start, stop = self.spans[min(layers)][0], self.spans[max(layers)][1]
+        return self.data[start:stop], self.grad[start:stop]
+
+    def __repr__(self):
+        return f"ParamGroup(layers={self.layers}, {self.data.size} values)"
+
+
+def natural_units(layers) -> list[list[int]]:
+    """Group parameter layers: a convolution with the batch norm right after it, else alone.
+
+    The batch norm normalises exactly that convolution's output channels; the
+    two are one unit of the network (and of torchvision's names: ``conv1`` /
+    ``bn1``, ``downsample.0`` / ``downsample.1``).
+    """
+    from cnn.layers import BatchNorm2d, Conv2D
+
+    units, i = [], 0
+    while i < len(layers):
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if (isinstance(layers[i], Conv2D) and isinstance(nxt, BatchNorm2d)
+                and nxt.num_features == layers[i].out_channels):
+            units.append([i, i + 1])
+            i += 2
+        else:
+            units.append([i])
+            i += 1
+    return units
 
 
 class Model(Sequential):
@@ -128,6 +204,8 @@ class Model(Sequential):
         keys = [key for key, *_ in self._state]
         if len(set(keys)) != len(keys):
             raise ValueError(f"model {self.name!r}: duplicate state_dict keys")
+        self.param_groups = [ParamGroup(unit, [self.layers[i] for i in unit])
+                             for unit in natural_units(self.layers)]
 
     # -- the contract ---------------------------------------------------------
     def parameters(self):

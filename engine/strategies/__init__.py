@@ -18,8 +18,8 @@ priority    layerwise, chunks of input-side        large models on a slow link: 
 multistep   reduce-scatter in backprop, update of  memory for optimizer state matters (1/P
             this rank's 1/P slice, allgather       per rank) or the update is costly; hides
             overlapped with the next forward; FC   both halves of the allreduce; large FC
-            layers exchange activations and        layers (VGG): B (N_in + N_out) values
-            errors instead (``fc_mode``)           instead of N_in N_out
+            layers all-to-all their inputs and     layers (VGG): B (N_in/P + N_out) values
+            allgather errors (``fc_mode``)         instead of N_in N_out
 lazy        layerwise, but the first               the input-side exchange (never hidden)
             ``lazy_layers`` layers accumulate      dominates and a small change to the
             locally and are averaged every         optimisation is acceptable: NOT equal to

@@ -26,6 +26,13 @@ Rules every strategy keeps:
    defers it to iteration k+1's forward.
 4. Every wait goes through `Strategy.wait`, which times it: the sum is the
    exposed (not hidden) communication time of the iteration.
+
+One collective per unit, not per tensor: the model stores the parameters of
+each natural unit (a convolution and the batch norm after it, or a layer's
+weight and bias) in one flat buffer (cnn ``Model.param_groups``), and the
+per-layer strategies exchange a `Unit` with one request, posted in the
+grad-ready hook of its first layer (the last of the unit backprop reaches)
+and waited for in the pre-forward hook of that same layer.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import numpy as np
 
 from cnn.optim import sgd_update
 
-__all__ = ["Hyper", "Strategy"]
+__all__ = ["Hyper", "Strategy", "Unit"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,31 @@ class Hyper:
     @classmethod
     def of(cls, optimizer) -> Hyper:
         return cls(optimizer.lr, optimizer.momentum, optimizer.weight_decay, optimizer.nesterov)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Consecutive layers exchanged as one flat buffer (a run of a cnn ParamGroup).
+
+    ``data`` and ``grad`` are flat views of the group's storage; every
+    parameter's own ``data``/``grad`` is a view into them, so posting ``grad``
+    exchanges all of them and no copy is made.
+    """
+
+    layers: tuple
+    params: tuple
+    data: np.ndarray
+    grad: np.ndarray
+
+    @property
+    def first(self) -> int:
+        return self.layers[0]
+
+    @property
+    def key(self) -> str:
+        """A name for the unit: its first parameter's, or ``first+...+last``."""
+        names = [p.name for p in self.params]
+        return names[0] if len(names) == 1 else f"{names[0]}+...+{names[-1]}"
 
 
 class Strategy:
@@ -105,6 +137,18 @@ class Strategy:
         return self.optimizer.state_dict()
 
     # -- helpers ------------------------------------------------------------------
+    def layer_units(self, start: int = 0, stop: int | None = None) -> dict[int, Unit]:
+        """The units of layers [start, stop), keyed by first layer (groups cut at the bounds)."""
+        stop = len(self.layers) if stop is None else stop
+        units = {}
+        for group in self.model.param_groups:
+            layers = tuple(i for i in group.layers if start <= i < stop)
+            if layers:
+                data, grad = group.span(layers)
+                params = tuple(p for i in layers for p in self.layers[i].params)
+                units[layers[0]] = Unit(layers, params, data, grad)
+        return units
+
     def wait(self, handle, label: str) -> None:
         """`handle.wait()`, with its duration added to the exposed communication time."""
         if handle.done:            # nothing exposed; still raises a stored error

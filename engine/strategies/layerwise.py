@@ -9,6 +9,9 @@ happens as late as possible and covers only what that layer needs.
 
 Requests are posted in backprop order with one priority, so the progress
 thread serves them first come, first served; `priority` changes only that.
+One request per unit (a convolution and its batch norm, or a layer's weight
+and bias: `Strategy.layer_units`), not per tensor: each request pays the
+latency once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ class Layerwise(Strategy):
     def __init__(self, model, exchanger, optimizer):
         super().__init__(model, exchanger, optimizer)
         self.check_whole_parameters()
-        self.handles: dict[int, list] = {}      # layer -> handles of its parameters
+        self.units = self.layer_units()          # first layer -> Unit
+        self.handles: dict[int, object] = {}     # first layer -> handle of its unit
         self.hyper: Hyper | None = None
         self.apply = True
 
@@ -31,23 +35,25 @@ class Layerwise(Strategy):
         return 0
 
     def grad_ready(self, i: int, layer) -> None:
-        self.handles[i] = [self.exchanger.allreduce_async(p.grad, op="mean",
-                                                          priority=self.priority(i))
-                           for p in layer.params]
+        unit = self.units.get(i)
+        if unit is not None:      # else a later layer of a unit, posted with its first layer
+            self.handles[i] = self.exchanger.allreduce_async(unit.grad, op="mean",
+                                                             priority=self.priority(i))
 
     def finish_step(self, apply: bool) -> None:
         self.hyper = Hyper.of(self.optimizer)    # used by the deferred updates below
         self.apply = apply
 
     def pre_forward(self, i: int, layer) -> None:
-        handles = self.handles.pop(i, None)
-        if handles is None:
+        handle = self.handles.pop(i, None)
+        if handle is None:
             return
-        for p, h in zip(layer.params, handles):
-            self.wait(h, f"allreduce layer {i}")
-            if self.apply:
+        unit = self.units[i]
+        self.wait(handle, f"allreduce layer {i}")
+        if self.apply:
+            for p in unit.params:
                 self.update_param(p, p.grad, self.hyper)
-            p.grad.fill(0)
+        unit.grad.fill(0)
 
     def synchronize(self) -> None:
         for i in sorted(self.handles):

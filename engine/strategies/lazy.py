@@ -129,10 +129,18 @@ class Lazy(Layerwise):
             self.previous_view[p.name] = self.accumulated[offset:offset + p.grad.size]
             self.average_view[p.name] = self.averaged[offset:offset + p.grad.size]
             offset += p.grad.size
+        # one request per unit on both sides of the boundary (a unit is cut there)
+        self.units = self.layer_units(start=self.lazy_layers)
+        self.lazy_units = self.layer_units(stop=self.lazy_layers)
+        self.unit_span, offset = {}, 0        # first lazy layer of a unit -> its range in a
+        for first, unit in sorted(self.lazy_units.items()):
+            n = sum(p.grad.size for p in unit.params)
+            self.unit_span[first] = (offset, offset + n)
+            offset += n
         self.statistics = np.zeros(3, np.float64)   # ||g||^2, ||a||^2, ||g - a||^2
         self.count = 0
         self.averaging = False           # this iteration posts the average
-        self.lazy_handles: dict[int, list] = {}
+        self.lazy_handles: dict[int, object] = {}     # first layer of a unit -> handle
         self.statistics_handle = None
         self.update_pending = False      # the posted average is to be applied
         self.history: list[int] = []
@@ -149,15 +157,15 @@ class Lazy(Layerwise):
             self.statistics[:] = 0
         if not self.averaging:
             return
-        handles = []
         for p in layer.params:
             g, previous = p.grad.reshape(-1), self.previous_view[p.name]
             a = self.average_view[p.name]
             np.add(previous, g, out=a)
             self.statistics += (np.dot(g, g), np.dot(a, a), np.dot(previous, previous))
-            handles.append(self.exchanger.allreduce_async(a, op="mean",
-                                                          priority=self.priority(i)))
-        self.lazy_handles[i] = handles
+        if i in self.lazy_units:          # the unit's last layer backprop reaches: post it
+            start, stop = self.unit_span[i]
+            self.lazy_handles[i] = self.exchanger.allreduce_async(
+                self.averaged[start:stop], op="mean", priority=self.priority(i))
         if i == 0:
             self.statistics_handle = self.exchanger.allreduce_async(
                 self.statistics, op="sum", priority=_STATS_PRIORITY)
@@ -181,10 +189,12 @@ class Lazy(Layerwise):
             return
         if i == 0 and self.statistics_handle is not None:
             self._close_interval()
-        for p, h in zip(layer.params, self.lazy_handles.pop(i, ())):
-            self.wait(h, f"allreduce lazy layer {i}")
+        handle = self.lazy_handles.pop(i, None)
+        if handle is not None:
+            self.wait(handle, f"allreduce lazy layer {i}")
             if self.update_pending:
-                self.update_param(p, self.average_view[p.name], self.hyper)
+                for p in self.lazy_units[i].params:
+                    self.update_param(p, self.average_view[p.name], self.hyper)
         if i == self.lazy_layers - 1:
             self.update_pending = False
 

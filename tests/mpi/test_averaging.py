@@ -112,6 +112,52 @@ def test_reduce_scatter_then_allgather(n, dtype, op, integer, chunk_bytes, max_i
     assert_same_on_every_rank(mine if P == 1 else full, other)
 
 
+rows_shapes = st.sampled_from([(), (1,), (3,), (2, 5)])
+
+
+@given(n=lengths, rest=rows_shapes, dtype=dtypes, chunk_bytes=chunk_sizes,
+       max_inflight=st.integers(1, 8), priority=st.integers(-3, 3))
+def test_alltoall_delivers_the_transposed_blocks(n, rest, dtype, chunk_bytes, max_inflight,
+                                                 priority):
+    n = n // max(1, int(np.prod(rest)))      # keep the message size of `lengths`
+    def send_of(rank):
+        # every value distinct across ranks and rows: a misplaced block cannot pass
+        return (np.arange(n * int(np.prod(rest))).reshape((n,) + rest) * P + rank).astype(dtype)
+    parts = partition(n, P)
+    offset, count = parts[RANK]
+    recv = np.full((P, count) + rest, np.nan, dtype)
+    send = send_of(RANK)
+    with Exchanger(chunk_bytes=bounded(chunk_bytes, send.size, dtype),
+                   max_inflight=max_inflight) as ex:
+        ex.alltoall_async(send, recv, priority=priority).wait(WAIT_S)
+    for p in range(P):
+        np.testing.assert_array_equal(recv[p], send_of(p)[offset:offset + count])
+    np.testing.assert_array_equal(send, send_of(RANK))          # the send buffer is untouched
+    # every rank's result is the same matrix of blocks, transposed
+    everything = COMM.allgather(recv.tobytes())
+    for r in range(P):
+        o, c = parts[r]
+        want = np.stack([send_of(p)[o:o + c] for p in range(P)])
+        assert everything[r] == want.astype(dtype).tobytes()
+
+
+@given(m=st.integers(0, 300), rest=rows_shapes, dtype=dtypes, chunk_bytes=chunk_sizes)
+def test_reduce_scatter_and_allgather_by_rows(m, rest, dtype, chunk_bytes):
+    """rows=True: rank r owns rows partition(m, P)[r] of an (m, *rest) array."""
+    x = contribution(m * int(np.prod(rest)), dtype, RANK, True, salt=9).reshape((m,) + rest)
+    offset, count = partition(m, P)[RANK]
+    mine = np.empty((count,) + rest, dtype)
+    with Exchanger(chunk_bytes=bounded(chunk_bytes, x.size, dtype)) as ex:
+        ex.reduce_scatter_async(x, mine, op="sum", rows=True).wait(WAIT_S)
+        want = expected(x.size, dtype, "sum", True, salt=9).reshape((m,) + rest)
+        np.testing.assert_array_equal(mine, want[offset:offset + count])
+        full = np.full_like(x, np.nan)
+        full[offset:offset + count] = mine
+        ex.allgather_async(full[offset:offset + count], full, rows=True).wait(WAIT_S)
+    np.testing.assert_array_equal(full, want)
+    assert_same_on_every_rank(full)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 13, 100])
 def test_partition_covers_and_matches_mpi_layout(n):
     parts = partition(n, P)

@@ -61,6 +61,44 @@ def test_read_only_unknown_op_bad_priority_and_wrong_out_size(ex):
     assert ex.stats()["requests_enqueued"] == 0
 
 
+def test_alltoall_rejects_bad_arrays_before_posting(ex):
+    n = 2 * P + 1
+    count = (n + P - 1 - RANK) // P            # partition(n, P)[RANK] count
+    with pytest.raises(ValueError, match="recv has"):
+        ex.alltoall_async(np.ones(n, np.float32), np.ones(P * count + 1, np.float32))
+    with pytest.raises(ValueError, match="recv has"):   # rows of 3: P blocks of count x 3
+        ex.alltoall_async(np.ones((n, 3), np.float32), np.ones(P * count, np.float32))
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        ex.alltoall_async(np.ones(n, np.float64), np.ones(P * count, np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ex.alltoall_async(np.ones(n, np.int64), np.ones(P * count, np.int64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ex.alltoall_async(np.ones((3, n), np.float32).T, np.ones((P, count, 3), np.float32))
+    with pytest.raises(ValueError, match="first axis"):
+        ex.alltoall_async(np.ones((), np.float32), np.ones(P, np.float32))
+    buf = np.ones(n + P * count, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        ex.alltoall_async(buf[:n], buf[n - 1:n - 1 + P * count])
+    ro = np.ones(P * count, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ex.alltoall_async(np.ones(n, np.float32), ro)
+    assert ex.stats()["requests_enqueued"] == 0
+
+
+@needs_peers
+def test_alltoall_of_different_layouts_fails_on_every_rank(ex):
+    """Same element count, rows of different length: the blocks would differ, so it must fail."""
+    shape = (12, 1) if RANK == 0 else (6, 2)
+    send = np.ones(shape, np.float32)
+    recv = np.zeros((P, (shape[0] + P - 1 - RANK) // P, shape[1]), np.float32)
+    with pytest.raises(ExchangeError, match="does not match across ranks"):
+        ex.alltoall_async(send, recv).wait(60)
+    send, recv = np.full(P, RANK, np.float32), np.zeros(P, np.float32)
+    ex.alltoall_async(send, recv).wait(60)      # still usable: recv[p] = rank p's block RANK
+    np.testing.assert_array_equal(recv, np.arange(P))
+
+
 @needs_peers
 def test_posting_an_array_in_flight_is_an_error(ex):
     a = np.ones(1000, np.float32)

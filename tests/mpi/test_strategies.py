@@ -10,8 +10,8 @@ expectations are derived from ``comm.size``, so every P gives the same answer:
 - every strategy gives the weights `blocking` gives: bitwise at P <= 2 (a sum
   of two float32 values does not depend on order), within 1e-6 otherwise
   (MPI may associate the sums of 3-4 ranks differently for different
-  message sizes and collectives). Except `multistep` with the FC activation
-  path: its FC weight gradient is one GEMM over the global batch instead of a
+  message sizes and collectives). Except `multistep` with the FC all-to-all or
+  activation path: its FC weight gradient is one GEMM over the global batch instead of a
   sum of per-rank GEMMs, so it matches to float32 rounding only, at every P.
 - `lazy` with a fixed interval of 1 is `layerwise`; with an adaptive interval
   it is a different optimisation: only replica identity and the determinism
@@ -43,12 +43,14 @@ CONFIGS = {
     "layerwise": ("layerwise", {}),
     "priority": ("priority", {}),
     "bucketed": ("bucketed", {"bucket_bytes": 4096}),   # several buckets on the digits model
-    "multistep": ("multistep", {}),                      # FC: activations (the default)
+    "multistep": ("multistep", {}),                      # FC: auto (the default)
+    "multistep-alltoall": ("multistep", {"fc_mode": "alltoall"}),
+    "multistep-activations": ("multistep", {"fc_mode": "activations"}),
     "multistep-reduce_scatter": ("multistep", {"fc_mode": "reduce_scatter"}),
     "lazy": ("lazy", {"lazy_layers": 2, "interval": 1, "adaptive": False}),
 }
 # FC gradient from one global-batch GEMM: equal to blocking to rounding only.
-NOT_BITWISE = {"multistep"}
+NOT_BITWISE = {"multistep", "multistep-alltoall", "multistep-activations"}
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +143,10 @@ def test_multistep_keeps_momentum_for_its_slice_only(data):
     model = models.build("digits", seed=3)
     optimizer = SGD(model.parameters(), **HYPER)
     with Trainer(model, optimizer, "multistep") as trainer:
-        local = trainer.strategy.local
-        for p in model.parameters():
-            a, b = trainer.strategy.slices[p.name]
-            assert local.momentum_buffers[p.name].size == b - a
-        owned = WORLD.allreduce(sum(v.size for v in local.momentum_buffers.values()))
+        strategy = trainer.strategy
+        for key, (a, b) in strategy.slices.items():
+            assert strategy.momentum[key].size == b - a
+        owned = WORLD.allreduce(sum(v.size for v in strategy.momentum.values()))
         assert owned == model.num_parameters()
         x, y = data
         idx = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size).indices(0, 0)
@@ -183,9 +184,9 @@ def test_unknown_strategy_and_bad_options_are_clear_errors():
 
 # -- multistep: the fully-connected paths ----------------------------------------------
 
-@pytest.mark.parametrize("fc_mode", ["activations", "reduce_scatter", "auto"])
+@pytest.mark.parametrize("fc_mode", ["alltoall", "activations", "reduce_scatter", "auto"])
 def test_multistep_fc_paths_on_lenet(fc_mode, images28):
-    """Three FC layers (400x120, 120x84, 84x10): partial rows at every P."""
+    """Three FC layers (400x120, 120x84, 84x10): partial rows / uneven neuron blocks at every P."""
     model, losses = train_distributed("multistep", images28, steps=2, model_name="lenet",
                                       fc_mode=fc_mode)
     reference, reference_losses = train_single_process(images28, steps=2, model_name="lenet")
@@ -195,16 +196,32 @@ def test_multistep_fc_paths_on_lenet(fc_mode, images28):
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
 
 
+def expected_auto_paths(global_batch, shapes, size):
+    """Values received per rank (/ (P-1)/P) on each path, the smallest wins (ties: conv path)."""
+    paths = []
+    for n_in, n_out in shapes:
+        values = {"reduce_scatter": n_in * n_out,
+                  "alltoall": global_batch * (-(-n_in // size) + n_out),
+                  "activations": global_batch * (n_in + n_out)}
+        best = min(values.values())
+        paths.append("reduce_scatter" if values["reduce_scatter"] == best else "alltoall")
+    return paths
+
+
 def test_multistep_auto_picks_the_smaller_message_and_close_unwraps(images28):
     x, y = images28
     model = models.build("lenet", seed=3)
     fcs = [layer for layer in model.layers if isinstance(layer, Linear)]
     idx = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size).indices(0, 0)
+    shapes = [(fc.in_features, fc.out_features) for fc in fcs]
+    # B = 24: fc1 (400x120) and fc2 (120x84) always all-to-all; fc3 (84x10, 840 values)
+    # all-to-all only from P = 4 (24 (21 + 10) = 744), reduce-scatter below (P = 3: 912).
+    paths = expected_auto_paths(GLOBAL_BATCH, shapes, WORLD.size)
+    assert paths[:2] == ["alltoall", "alltoall"]
+    assert paths[2] == ("alltoall" if WORLD.size >= 4 else "reduce_scatter")
     with Trainer(model, SGD(model.parameters(), **HYPER), "multistep", fc_mode="auto") as t:
         t.step(x[idx], y[idx])
-        # B = 24: B (N_in + N_out) < N_in N_out for fc1 (12,480 < 48,000) and fc2
-        # (4,896 < 10,080), not for fc3 (2,256 > 840), which reduce-scatters.
-        assert [fc.skip_weight_grad for fc in fcs] == [True, True, False]
+        assert [fc.skip_weight_grad for fc in fcs] == [p == "alltoall" for p in paths]
         assert all(not p.grad.any() for p in model.parameters())
         t.synchronize()
         t.check_replicas()
@@ -213,11 +230,107 @@ def test_multistep_auto_picks_the_smaller_message_and_close_unwraps(images28):
     model.forward(x[:2])         # plain model again: no collective, no closed exchanger
 
 
+def test_multistep_alltoall_resumes_momentum_in_torch_layout(images28):
+    """A non-zero momentum handed in (a resume) is sliced by columns and gathered back unchanged."""
+    model = models.build("lenet", seed=3)
+    optimizer = SGD(model.parameters(), **HYPER)
+    rng = np.random.default_rng(2)
+    for p in model.parameters():
+        optimizer.momentum_buffers[p.name][:] = rng.standard_normal(p.data.size)
+    before = {k: v.copy() for k, v in optimizer.momentum_buffers.items()}
+    with Trainer(model, optimizer, "multistep", fc_mode="alltoall") as t:
+        state = t.optimizer_state_dict()
+    for name, value in before.items():
+        np.testing.assert_array_equal(state["momentum_buffers"][name], value)
+
+
+def test_multistep_alltoall_momentum_matches_one_process(images28):
+    """The momentum kept by rows of W^T, gathered back, is the oracle's (N_out, N_in) momentum."""
+    x, y = images28
+    model = models.build("lenet", seed=3)
+    sampler = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size, seed=5)
+    with Trainer(model, SGD(model.parameters(), **HYPER), "multistep", fc_mode="alltoall",
+                 chunk_bytes=2048) as t:
+        for step in range(2):
+            idx = sampler.indices(0, step)
+            t.step(x[idx], y[idx])
+        state = t.optimizer_state_dict()
+    reference = models.build("lenet", seed=3)
+    optimizer = SGD(reference.parameters(), **HYPER)
+    loss_fn = SoftmaxCrossEntropy()
+    for step in range(2):
+        idx = ShardedSampler(len(x), GLOBAL_BATCH, 0, 1, seed=5).global_indices(0, step)
+        reference.zero_grad()
+        loss_fn.forward(reference.forward(x[idx]), y[idx])
+        reference.backward(loss_fn.backward())
+        optimizer.step()
+    for name, value in optimizer.momentum_buffers.items():
+        np.testing.assert_allclose(state["momentum_buffers"][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_multistep_rejects_unknown_fc_mode():
     model = models.build("digits")
     with pytest.raises(ValueError, match="fc_mode"):
-        Trainer(model, SGD(model.parameters(), lr=0.1), "multistep", fc_mode="alltoall")
+        Trainer(model, SGD(model.parameters(), lr=0.1), "multistep", fc_mode="all-to-all")
     assert "forward" not in vars(model.layers[-1])
+
+
+# -- one collective per unit (a conv and its batch norm, a layer's weight and bias) --------
+
+@pytest.fixture(scope="module")
+def images32():
+    rng = np.random.default_rng(12)
+    return (rng.standard_normal((48, 3, 32, 32)).astype(np.float32),
+            rng.integers(0, 10, 48).astype(np.int64))
+
+
+def train_counting(config, data, steps=2):
+    """ResNet-20 (conv + BN units) for `steps` steps; also the requests of the last step."""
+    strategy, options = CONFIGS[config]
+    if strategy == "lazy":
+        options = dict(options, lazy_layers=3)    # cuts the unit (conv, BN) of layers 2, 3
+    x, y = data
+    model = models.build("resnet20", seed=3)
+    sampler = ShardedSampler(len(x), GLOBAL_BATCH, WORLD.rank, WORLD.size, seed=5)
+    with Trainer(model, SGD(model.parameters(), **HYPER), strategy, chunk_bytes=1 << 16,
+                 **options) as trainer:
+        for step in range(steps):
+            before = trainer.exchanger.stats()["requests_enqueued"]
+            idx = sampler.indices(0, step)
+            trainer.step(x[idx], y[idx])
+            requests = trainer.exchanger.stats()["requests_enqueued"] - before
+        trainer.synchronize()
+        trainer.check_replicas()
+    return model, requests
+
+
+@pytest.mark.parametrize("config", ["layerwise", "priority", "multistep-reduce_scatter",
+                                    "multistep", "lazy"])
+def test_units_with_batch_norm_match_blocking_with_one_request_per_unit(config, images32):
+    model, requests = train_counting(config, images32)
+    baseline, baseline_requests = train_counting("blocking", images32)
+    # ResNet-20: 43 parameter layers, 65 tensors, 22 units (21 conv + BN, the classifier)
+    units = len(model.param_groups)
+    assert (len(model.layers), len(model.parameters()), units) == (43, 65, 22)
+    around = baseline_requests - 1          # the trainer's own: loss/flags, BN statistics
+    if config == "multistep":                # the classifier (64 x 10) on the all-to-all path?
+        fc = model.layers[-1]
+        path = expected_auto_paths(GLOBAL_BATCH, [(fc.in_features, fc.out_features)],
+                                   WORLD.size)[0]
+        # reduce-scatter path: weight (by W^T rows) and bias apart; all-to-all path:
+        # all-to-all of X, allgather of dY: still two requests in backprop
+        assert requests == 2 * (units - 1) + 2 * 2 + around, path
+    elif config == "multistep-reduce_scatter":
+        assert requests == 2 * units + around          # reduce-scatter + allgather per unit
+    elif config == "lazy":
+        assert requests == units + 1 + 1 + around      # the cut unit, the lazy statistics
+    else:
+        assert requests == units + around
+    if WORLD.size <= 2 and config not in ("multistep",):
+        np.testing.assert_array_equal(flat_weights(model), flat_weights(baseline))
+    else:
+        np.testing.assert_allclose(flat_weights(model), flat_weights(baseline),
+                                   rtol=1e-5, atol=1e-6)
 
 
 # -- lazy ---------------------------------------------------------------------------------
