@@ -39,6 +39,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from bench.common import parse_size, size_label
 from engine import Exchanger
 
 COMM = MPI.COMM_WORLD
@@ -47,14 +48,6 @@ ALGORITHMS = ("mpi", "recursive_doubling", "ring", "auto")
 FIXED = ALGORITHMS[:3]
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 256 << 10, 4 << 20]
-
-
-def parse_size(text):
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def parse_args(argv=None):
@@ -100,10 +93,6 @@ def measure(ex, nbytes, args):
             a = ALGORITHMS[(rep + i) % len(ALGORITHMS)]
             samples[a].append(time_once(ex, buf, a))
     return {a: statistics.median(s) for a, s in samples.items()}
-
-
-def size_label(nbytes):
-    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
 def table(rows, link, ranks, auto):

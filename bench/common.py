@@ -1,12 +1,27 @@
-"""What bench/step.py and the peer benchmarks (bench/peers/) share, so that
-their rows in the README table mean the same thing: the same options, the
-same overlap formula (docs/algorithm.md §4) and the same JSON record."""
+"""What the benchmarks share. bench/step.py and the peers (bench/peers/): the
+same options, the same overlap formula (docs/algorithm.md §4) and the same
+JSON record, so that their rows in the README table mean the same thing; the
+message-size benchmarks: how sizes are read and printed."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+
+
+def parse_size(text: str) -> int:
+    """'64KiB', '1MiB', '4m', '4096' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def size_label(nbytes: int) -> str:
+    """4096 -> '4 KiB', 1048576 -> '1 MiB'."""
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
 def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from mpi4py import MPI
 
+from bench.common import parse_size, size_label
 from cnn.runtime import configure
 from engine import Exchanger
 
@@ -54,14 +55,6 @@ def calibrate():
         if dt > 0.05:
             return n / dt
         n *= 4
-
-
-def parse_size(text):
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def measure(post_and_wait, post, wait, nbytes, reps, rate):
@@ -183,7 +176,7 @@ def main(argv=None):
         print("| impl | size | t_pure ms | t_compute ms | t_overall ms | overlap % | thread CPU ms/op |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in results:
-            size = (f"{r['bytes'] >> 20} MiB" if r["bytes"] >= 1 << 20 else f"{r['bytes'] >> 10} KiB")
+            size = size_label(r["bytes"])
             print(f"| {r['impl']} | {size} | {r['t_pure_ms']:.3f} | {r['t_compute_ms']:.3f} | "
                   f"{r['t_overall_ms']:.3f} | {r['overlap_pct']:.1f} | "
                   f"{r['progress_cpu_ms_per_op']:.3f} |")

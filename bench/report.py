@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.profile import machine_info  # noqa: E402
+from bench.common import size_label  # noqa: E402
 
 RESULTS = "bench/results"
 STRATEGIES = ["blocking", "layerwise", "bucketed", "priority", "multistep", "lazy", "ddp", "mpi4py"]
@@ -46,10 +47,6 @@ def link_key(link):
 def _rate(link):
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", link or "")
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else None
-
-
-def size_label(n):
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def machine():
