@@ -15,9 +15,9 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "0"
 
-from engine.exchanger import ExchangeError, Exchanger, Handle, partition
+from engine.exchanger import ExchangeError, Exchanger, Handle, StallError, partition
 from engine.strategies import make_strategy
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
 __all__ = ["Exchanger", "ExchangeError", "Handle", "partition", "make_strategy", "Trainer",
-           "NonFiniteError", "ReplicaDivergenceError"]
+           "NonFiniteError", "ReplicaDivergenceError", "StallError"]

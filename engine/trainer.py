@@ -85,6 +85,9 @@ class Trainer:
         weights (`check_replicas()`); 0 disables.
     trace : bool
         Record layer spans, waits and chunk events (`trace_events`).
+    stall_warn_s, stall_timeout_s : float or None
+        Passed to the `Exchanger`: a wait this long names the ranks holding
+        it up; one that long raises `engine.StallError` (None: never).
     **strategy_options
         Passed to the strategy (e.g. ``bucket_bytes``).
     """
@@ -92,7 +95,9 @@ class Trainer:
     def __init__(self, model, optimizer, strategy: str = "multistep", comm=None, *, loss=None,
                  chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 200,
                  bn_stats: str = "average", skip_nonfinite: bool = False,
-                 check_replicas: int = 0, trace: bool = False, **strategy_options):
+                 check_replicas: int = 0, trace: bool = False,
+                 stall_warn_s: float | None = 60.0, stall_timeout_s: float | None = None,
+                 **strategy_options):
         if bn_stats not in ("average", "local"):
             raise ValueError(f"bn_stats must be 'average' or 'local', got {bn_stats!r}")
         if int(check_replicas) < 0:
@@ -106,7 +111,8 @@ class Trainer:
         self.tracing = bool(trace)
         base = MPI.COMM_WORLD if comm is None else comm
         self.exchanger = Exchanger(base, chunk_bytes=chunk_bytes, max_inflight=max_inflight,
-                                   poll_us=poll_us, trace=self.tracing)
+                                   poll_us=poll_us, trace=self.tracing,
+                                   stall_warn_s=stall_warn_s, stall_timeout_s=stall_timeout_s)
         self.comm = base.Dup()     # the trainer's own blocking collectives (replica check)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         try:
