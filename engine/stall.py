@@ -143,7 +143,7 @@ class StallWatch:
             if not receives or time.monotonic() > deadline:
                 break
             time.sleep(0.005)
-        for p, (req, buf) in receives.items():
+        for p, (req, _) in receives.items():
             req.Cancel()
             req.Wait()
             answers[p] = None

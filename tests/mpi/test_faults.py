@@ -96,7 +96,7 @@ def test_a_blocking_collective_under_the_watch_times_out(ex):
         request.Wait()
     else:
         request = ex._comm.Ibarrier()
-        with pytest.raises(StallError, match=f"waiting for checkpoint barrier"):
+        with pytest.raises(StallError, match="waiting for checkpoint barrier"):
             ex.wait_mpi(request, "checkpoint barrier")
         COMM.Barrier()
         request.Wait()
