@@ -295,7 +295,8 @@ def run(args, comm) -> dict:
     if args.trace:
         from engine.trace import TraceRecorder
         recorder = TraceRecorder(trainer)
-    log = open(args.log, "a") if (args.log and rank == 0) else None
+    # Line-buffered: after a crash the log shows the last iteration reached.
+    log = open(args.log, "a", buffering=1) if (args.log and rank == 0) else None
     bar = None
     if rank == 0 and not args.no_progress and start < total:
         from tqdm import tqdm
