@@ -12,8 +12,9 @@ Scenarios (digits model, synthetic-free, seconds each):
 - kill9:      kill -9 the last rank mid-run; the launcher ends the job; resume
               on one rank fewer.
 - corrupt:    truncate the checkpoint, then --resume: a clear error naming it.
-- full_disk:  a small tmpfs fills up after the first checkpoint (needs root to
-              mount; skipped otherwise): a clear error, the previous one intact.
+- full_disk:  a tmpfs with room for 1.5 checkpoints, so the second write fails
+              (needs root to mount; skipped otherwise): a clear error, the
+              previous checkpoint intact.
 - supervise:  `engine.supervise --shrink` with kill -9 of the last rank: the
               restart on fewer ranks finishes the run.
 
@@ -256,36 +257,29 @@ def scenario_corrupt(cfg, work: Path, source: Path) -> dict:
             "resume_correct": None}
 
 
-def scenario_full_disk(cfg, work: Path) -> dict:
+def scenario_full_disk(cfg, work: Path, checkpoint_bytes: int) -> dict:
+    """A tmpfs with room for one checkpoint and a half: the first write fits, the
+    second (temporary file beside the previous checkpoint) runs out of space."""
     mount = work / "tmpfs"
     mount.mkdir()
     record = {"scenario": "full_disk", "ranks": cfg.ranks,
-              "fault": "tmpfs full after the first checkpoint"}
-    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+              "fault": "tmpfs with room for 1.5 checkpoints (the second write fails)"}
+    size = -(-3 * checkpoint_bytes // 2 // 4096) * 4096
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                        stderr=subprocess.DEVNULL) != 0:
         record.update(detected=None, skipped="mounting a tmpfs needs root")
         return record
     log = work / "full_disk.jsonl"
     run = Run(train_command(cfg.ranks, train_args(cfg, mount / "ckpt", log)), work, "full_disk")
     try:
-        if not wait_until(lambda: checkpoint_iteration(mount / "ckpt" / CHECKPOINT), 120, run):
-            record.update(detected=False, error=run.stderr()[-400:])
-            return record
-        saved = checkpoint_iteration(mount / "ckpt" / CHECKPOINT)
-        with open(mount / "filler", "wb") as f:      # take every byte that is left
-            try:
-                while True:
-                    f.write(bytes(1 << 16))
-                    f.flush()
-            except OSError:
-                pass
-        t0 = time.monotonic()
-        status = run.wait(cfg.timeout + 60)
-        seconds = time.monotonic() - t0
+        status = run.wait(cfg.timeout + 120)
         err = run.stderr()
+        saved = cfg.checkpoint_every
+        seconds = time.monotonic() - run.start
         message = first_line(err, "could not write checkpoint")
         record.update(detected=status == 1 and bool(message),
-                      seconds_to_detection=round(seconds, 2), exit_status=status,
+                      seconds_to_detection=None, seconds_to_exit=round(seconds, 2),
+                      exit_status=status,
                       message=message, ranks_exited=cfg.ranks - len(run.ranks()),
                       data_lost_iterations=last_logged_iteration(log) - saved,
                       checkpoint_iteration=saved,
@@ -373,7 +367,8 @@ def main(argv=None) -> int:
                                   **compare(kill_dir / CHECKPOINT, reference, same_ranks=False))
                 report["scenarios"].insert(len(report["scenarios"]) - wanted("corrupt"), record)
         if wanted("full_disk"):
-            report["scenarios"].append(scenario_full_disk(cfg, work))
+            report["scenarios"].append(scenario_full_disk(
+                cfg, work, (work / "reference" / CHECKPOINT).stat().st_size))
         if wanted("supervise"):
             report["scenarios"].append(scenario_supervise(cfg, work, reference))
     finally:
