@@ -780,25 +780,6 @@ def monotonic():
 # this thread, which never takes the GIL: a rank whose Python is busy or hung
 # still answers, and one that does not answer is stopped, dead or swapped out.
 
-cdef enum:
-    STALL_QUERY_TAG = 7301
-    STALL_REPLY_TAG = 7302
-    STALL_QUERY_LEN = 1         # [query id]
-    STALL_REPLY_LEN = 4         # [query id, requests enqueued, completed, failed]
-
-
-ctypedef struct responder_t:
-    MPI_Comm comm
-    engine_t* engine
-    long poll_us
-    pthread_t thread
-    int started
-    int stop
-    long long answered
-    pthread_mutex_t lock
-    pthread_cond_t wake
-
-
 cdef void* responder_main(void* arg) noexcept nogil:
     cdef responder_t* s = <responder_t*>arg
     cdef long long query[STALL_QUERY_LEN]
