@@ -17,6 +17,8 @@ Scenarios (digits model, synthetic-free, seconds each):
               previous checkpoint intact.
 - supervise:  `engine.supervise --shrink` with kill -9 of the last rank: the
               restart on fewer ranks finishes the run.
+- overhead:   the normal path with and without the stall watch: microseconds
+              per small allreduce, interleaved repeats, medians.
 
 "resume_correct" compares the final weights with an uninterrupted run of the
 same length on the first rank count: bitwise on the same rank count, within
@@ -324,6 +326,46 @@ def scenario_supervise(cfg, work: Path, reference: dict) -> dict:
     return record
 
 
+def overhead_worker(repeats: int, count: int) -> None:
+    """Under mpiexec: the latency of a 1 KB allreduce with the stall watch off and
+    on (its responder thread probes for queries 50 times a second)."""
+    from mpi4py import MPI
+
+    from engine import Exchanger
+    comm = MPI.COMM_WORLD
+    times = {"off": [], "on": []}
+    a = np.ones(256, np.float32)
+    for _ in range(repeats):
+        for label, warn in (("off", None), ("on", 60.0)):
+            with Exchanger(stall_warn_s=warn) as ex:
+                for _ in range(count // 10):
+                    ex.allreduce_async(a).wait()
+                comm.Barrier()
+                t = time.perf_counter()
+                for _ in range(count):
+                    ex.allreduce_async(a).wait()
+                seconds = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
+            times[label].append(1e6 * seconds / count)
+    if comm.rank == 0:
+        print(json.dumps({f"allreduce_1kb_us_watch_{k}": round(float(np.median(v)), 2)
+                          for k, v in times.items()}))
+
+
+def scenario_overhead(cfg) -> dict:
+    repeats, count = (3, 500) if cfg.quick else (7, 3000)
+    out = subprocess.run([mpiexec(), "-n", str(cfg.ranks), sys.executable, __file__,
+                          "--overhead-worker", f"{repeats},{count}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
+    record = {"scenario": "overhead", "ranks": cfg.ranks, "repeats": repeats,
+              "allreduces": count}
+    if out.returncode != 0:
+        record["error"] = out.stderr[-400:]
+        return record
+    record.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/faults.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter runs and timeouts (smoke test)")
@@ -331,7 +373,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON report to FILE")
     p.add_argument("--only", default=None, help="comma-separated scenarios to run")
+    p.add_argument("--overhead-worker", default=None, help=argparse.SUPPRESS)
     cfg = p.parse_args(argv)
+    if cfg.overhead_worker:
+        overhead_worker(*(int(v) for v in cfg.overhead_worker.split(",")))
+        return 0
     if not 2 <= cfg.ranks <= 4 or BATCH % (cfg.ranks - 1):
         p.error("--ranks must be 2, 3 or 4")
     cfg.iters, cfg.checkpoint_every = (120, 20) if cfg.quick else (400, 50)
@@ -371,6 +417,8 @@ def main(argv=None) -> int:
                 cfg, work, (work / "reference" / CHECKPOINT).stat().st_size))
         if wanted("supervise"):
             report["scenarios"].append(scenario_supervise(cfg, work, reference))
+        if wanted("overhead"):
+            report["overhead"] = scenario_overhead(cfg)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(report, indent=1)
@@ -385,6 +433,13 @@ def main(argv=None) -> int:
 
 def table(report: dict) -> str:
     """The README table: one row per scenario."""
+    if "overhead" in report:
+        o = report["overhead"]
+        rows_after = [f"\nstall watch on the normal path ({o['ranks']} ranks, 1 KB allreduce, "
+                      f"median of {o['repeats']}): off {o.get('allreduce_1kb_us_watch_off')} us, "
+                      f"on {o.get('allreduce_1kb_us_watch_on')} us"]
+    else:
+        rows_after = []
     rows = ["| scenario | detected | s to detection | ranks exited | iterations lost "
             "| resume correct | message |", "|---|---|---|---|---|---|---|"]
     for r in report["scenarios"]:
@@ -393,7 +448,7 @@ def table(report: dict) -> str:
                     f"{r.get('seconds_to_detection')} | {r.get('ranks_exited')} | "
                     f"{r.get('data_lost_iterations')} | {r.get('resume_correct')} | "
                     f"{message.replace('|', '/')} |")
-    return "\n".join(rows)
+    return "\n".join(rows + rows_after)
 
 
 if __name__ == "__main__":

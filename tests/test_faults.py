@@ -28,7 +28,8 @@ def test_supervise_refuses_a_run_without_checkpoints():
 
 def test_every_fault_scenario_is_detected_and_resumes_correctly(tmp_path):
     out = tmp_path / "faults.json"
-    assert faults.main(["--quick", "--json-out", str(out)]) == 0
+    assert faults.main(["--quick", "--json-out", str(out),
+                        "--only", "sigstop,kill9,corrupt,full_disk,supervise"]) == 0
     report = {r["scenario"]: r for r in json.loads(out.read_text())["scenarios"]}
     assert set(report) == {"sigstop", "kill9", "corrupt", "full_disk", "supervise"}, report
 
