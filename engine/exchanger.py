@@ -371,7 +371,12 @@ class Exchanger:
             if self._closed:
                 return
             self._closed = True
-        clean = self._engine.close(self.close_timeout if timeout is None else float(timeout))
+        if timeout is None:
+            # After a StallError the stalled request will likely never complete:
+            # give the thread a moment to finish, not close_timeout.
+            stalled = self._stall is not None and self._stall.stalled
+            timeout = min(1.0, self.close_timeout) if stalled else self.close_timeout
+        clean = self._engine.close(float(timeout))
         if self._stall is not None:
             keep = self._stall.close()
             if keep:

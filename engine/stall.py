@@ -68,6 +68,7 @@ class StallWatch:
         # outlive MPI's use of them.
         self._unfinished: list = []
         self.diagnoses = 0
+        self.stalled = False      # a wait gave up: its request will not complete
 
     def close(self) -> list:
         """Stop the responder; returns what must be kept alive if sends are unfinished."""
@@ -99,6 +100,7 @@ class StallWatch:
                 return
             waited = time.monotonic() - start
             if self.timeout_s is not None and waited >= self.timeout_s:
+                self.stalled = True
                 raise StallError(f"rank {self.rank}: gave up after {waited:.0f} s (timeout "
                                  f"{self.timeout_s:g} s) waiting for {description}: "
                                  f"{self.diagnose(seq)}")

@@ -155,7 +155,13 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.close(synchronize=exc_type is None)
+        try:
+            self.close(synchronize=exc_type is None)
+        except Exception:
+            if exc_type is None:
+                raise
+            # Leaving on an error (a StallError, say): that error is the news,
+            # not the shutdown that could not finish what it left pending.
 
     # -- hooks ----------------------------------------------------------------------
     def _pre_forward(self, i, layer) -> None:

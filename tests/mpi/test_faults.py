@@ -53,6 +53,7 @@ def test_a_rank_that_has_not_posted_is_named(ex, capsys):
         assert f"rank {LAST} at request #0" in message
         assert "allreduce #0 of 64 float32" in message and "layer 7" in message
         assert "did not answer" not in message
+        assert ex._stall.stalled     # close() will not wait close_timeout for it
         warning = capsys.readouterr().err
         assert f"engine: rank {RANK}: stalled" in warning
         assert f"rank {LAST} has not posted" in warning
@@ -100,3 +101,29 @@ def test_a_blocking_collective_under_the_watch_times_out(ex):
             ex.wait_mpi(request, "checkpoint barrier")
         COMM.Barrier()
         request.Wait()
+
+
+@needs_peers
+def test_a_trainer_left_on_a_stall_raises_the_stall_promptly():
+    import time
+
+    from cnn import models
+    from cnn.optim import SGD
+    from engine import Trainer
+
+    model = models.build("digits", seed=0)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    y = np.zeros(2, np.int64)
+    start = time.monotonic()
+    if RANK == LAST:         # builds its trainer (collective) but never steps
+        with Trainer(model, SGD(model.parameters(), lr=0.1), "blocking", COMM,
+                     stall_warn_s=0.3, stall_timeout_s=1.0):
+            COMM.Barrier()
+    else:
+        with pytest.raises(StallError, match=f"rank {LAST} has not posted"):
+            with Trainer(model, SGD(model.parameters(), lr=0.1), "blocking", COMM,
+                         stall_warn_s=0.3, stall_timeout_s=1.0) as trainer:
+                trainer.step(x, y)
+        # Not close_timeout (30 s) for the request that will never complete.
+        assert time.monotonic() - start < 15
+        COMM.Barrier()
