@@ -25,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+from mpi4py import MPI
 
 from ext import _progress
 
@@ -73,7 +74,7 @@ class StallWatch:
     def close(self) -> list:
         """Stop the responder; returns what must be kept alive if sends are unfinished."""
         self.responder.stop()
-        self._unfinished = [(r, b) for r, b in self._unfinished if not r.Test()]
+        self._unfinished = [(r, b) for r, b in self._unfinished if not _test(r)]
         if self._unfinished:
             return [self.comm, self._unfinished]
         self.comm.Free()
@@ -129,27 +130,37 @@ class StallWatch:
         peers = [p for p in range(self.size) if p != self.rank]
         receives = {}
         for p in peers:
+            answers[p] = None     # until it answers; an MPI error (peer gone) leaves it so
             query = np.array([qid], np.int64)
-            self._unfinished.append((self.comm.Isend(query, dest=p, tag=tag_q), query))
             buf = np.zeros(n, np.int64)
-            receives[p] = (self.comm.Irecv(buf, source=p, tag=tag_r), buf)
+            try:
+                self._unfinished.append((self.comm.Isend(query, dest=p, tag=tag_q), query))
+                receives[p] = (self.comm.Irecv(buf, source=p, tag=tag_r), buf)
+            except MPI.Exception:
+                pass
         deadline = time.monotonic() + answer_s
         while receives:
             for p, (req, buf) in list(receives.items()):
-                if req.Test():
+                try:
+                    if not req.Test():
+                        continue
                     if buf[0] == qid:
                         answers[p] = tuple(int(v) for v in buf[1:4])
                         del receives[p]
                     else:     # a late answer to an earlier query: wait for this one
                         receives[p] = (self.comm.Irecv(buf, source=p, tag=tag_r), buf)
+                except MPI.Exception:
+                    del receives[p]
             if not receives or time.monotonic() > deadline:
                 break
             time.sleep(0.005)
-        for p, (req, _) in receives.items():
-            req.Cancel()
-            req.Wait()
-            answers[p] = None
-        self._unfinished = [(r, b) for r, b in self._unfinished if not r.Test()]
+        for req, _ in receives.values():
+            try:
+                req.Cancel()
+                req.Wait()
+            except MPI.Exception:
+                pass
+        self._unfinished = [(r, b) for r, b in self._unfinished if not _test(r)]
         return answers
 
     def diagnose(self, seq: int | None) -> str:
@@ -173,6 +184,14 @@ class StallWatch:
             parts.append("every rank has posted it; the transfer itself is not progressing "
                          "(network or MPI trouble)")
         return "; ".join(parts)
+
+
+def _test(request) -> bool:
+    """MPI_Test; a request that failed (peer gone) counts as finished."""
+    try:
+        return request.Test()
+    except MPI.Exception:
+        return True
 
 
 def _ranks(ranks: list[int]) -> str:
