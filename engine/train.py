@@ -234,8 +234,9 @@ def evaluate(model, get, n: int, comm, batch: int = 256, wait=None) -> tuple[int
     for start in range(lo, hi, batch):
         x, y = get(np.arange(start, min(start + batch, hi)))
         correct += int((model.forward(x, train=False).argmax(axis=1) == y).sum())
-    total = np.zeros(1, np.int64)
-    request = comm.Iallreduce(np.array([correct], np.int64), total, op=MPI.SUM)
+    # Both buffers are named locals: mpi4py does not keep a collective's buffers alive.
+    mine, total = np.array([correct], np.int64), np.zeros(1, np.int64)
+    request = comm.Iallreduce(mine, total, op=MPI.SUM)
     if wait is None:
         request.Wait()
     else:
