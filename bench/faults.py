@@ -328,7 +328,7 @@ def scenario_supervise(cfg, work: Path, reference: dict) -> dict:
 
 def overhead_worker(repeats: int, count: int) -> None:
     """Under mpiexec: the latency of a 1 KB allreduce with the stall watch off and
-    on (its responder thread probes for queries 50 times a second)."""
+    on (its responder thread probes for queries 5 times a second)."""
     from mpi4py import MPI
 
     from engine import Exchanger

@@ -32,7 +32,7 @@ from ext import _progress
 __all__ = ["StallError", "StallWatch", "ANSWER_S"]
 
 ANSWER_S = 2.0               # how long a peer's responder thread has to answer
-RESPONDER_POLL_US = 20_000   # the responder looks for a query 50 times a second
+RESPONDER_POLL_US = 200_000  # the responder looks for a query 5 times a second
 
 
 class StallError(TimeoutError):
