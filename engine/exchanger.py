@@ -246,9 +246,13 @@ class Exchanger:
                                         bool(trace), int(slice_us), int(nice))
         self._stall = None
         if stall_warn_s is not None or stall_timeout_s is not None:
-            self._stall = StallWatch(self._engine, self._comm,
-                                     stall_warn_s if stall_warn_s is not None else
-                                     stall_timeout_s, stall_timeout_s)
+            try:
+                self._stall = StallWatch(self._engine, self._comm,
+                                         stall_warn_s if stall_warn_s is not None else
+                                         stall_timeout_s, stall_timeout_s)
+            except BaseException:
+                self._engine.close(self.close_timeout)     # nothing enqueued: exits at once
+                raise
         _LIVE.add(self)
 
     # -- context manager ------------------------------------------------------
