@@ -180,7 +180,11 @@ class StallWatch:
             parts.append(f"{_ranks(behind)} {'has' if len(behind) == 1 else 'have'} not "
                          f"posted request #{seq} ({where}; their Python is busy, hung, or "
                          "took a different path)")
-        if not parts:
+        if not parts and seq is None:
+            # Not an engine request: the counters cannot tell who has reached it.
+            parts.append("every rank answers; some rank has not reached this operation "
+                         "(its Python is busy or hung), or the transfer is not progressing")
+        elif not parts:
             parts.append("every rank has posted it; the transfer itself is not progressing "
                          "(network or MPI trouble)")
         return "; ".join(parts)

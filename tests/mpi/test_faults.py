@@ -65,6 +65,7 @@ def test_a_rank_that_has_not_posted_is_named(ex, capsys):
 @needs_peers
 def test_a_stopped_rank_is_named(ex):
     pids = COMM.allgather(os.getpid())
+    waiters = COMM.Split(0 if RANK < LAST else 1, RANK)
     a = np.full(64, 1.0, np.float32)
     if RANK == LAST:
         COMM.Barrier()        # stopped somewhere before or in here
@@ -76,6 +77,7 @@ def test_a_stopped_rank_is_named(ex):
             h = ex.allreduce_async(a, op="sum")
             with pytest.raises(StallError) as info:
                 h.wait()
+            waiters.Barrier()     # every waiter has its diagnosis before the rank resumes
         finally:
             if RANK == 0:
                 os.kill(pids[LAST], signal.SIGCONT)
@@ -86,6 +88,7 @@ def test_a_stopped_rank_is_named(ex):
         assert all(f"rank {p} " not in message.split(":", 2)[-1] for p in others)
         COMM.Barrier()
     h.wait()
+    waiters.Free()
     np.testing.assert_array_equal(a, P)
 
 
@@ -97,8 +100,9 @@ def test_a_blocking_collective_under_the_watch_times_out(ex):
         request.Wait()
     else:
         request = ex._comm.Ibarrier()
-        with pytest.raises(StallError, match="waiting for checkpoint barrier"):
+        with pytest.raises(StallError, match="waiting for checkpoint barrier") as info:
             ex.wait_mpi(request, "checkpoint barrier")
+        assert "some rank has not reached this operation" in str(info.value)
         COMM.Barrier()
         request.Wait()
 
