@@ -11,6 +11,8 @@ A rank that has waited `stall_warn_s` for request #k asks every peer:
 - no answer:                 "rank 2 did not answer within 2 s (stopped, dead or unresponsive)"
 - answered with count <= k:  "rank 1 has not posted request #k (allreduce of ... layer 3)"
 - every rank posted it:      the transfer itself is stuck (network, MPI)
+- an mpi4py request (`Exchanger.wait_mpi`, no request number): only the
+  silent ranks can be named
 
 and prints one line with that diagnosis; the line repeats every
 `stall_warn_s`. After `stall_timeout_s` the wait raises `StallError` with the
