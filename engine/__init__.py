@@ -5,9 +5,9 @@
 - `Trainer`: one synchronous SGD step per call, on top of a strategy.
 """
 
-from engine.exchanger import ExchangeError, Exchanger, Handle, partition
+from engine.exchanger import ExchangeError, Exchanger, Handle, StallError, partition
 from engine.strategies import make_strategy
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
 __all__ = ["Exchanger", "ExchangeError", "Handle", "partition", "make_strategy", "Trainer",
-           "NonFiniteError", "ReplicaDivergenceError"]
+           "NonFiniteError", "ReplicaDivergenceError", "StallError"]

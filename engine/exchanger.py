@@ -17,15 +17,17 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import weakref
 import zlib
 
 import numpy as np
 from mpi4py import MPI
 
+from engine.stall import StallError, StallWatch
 from ext import _progress
 
-__all__ = ["ALGORITHMS", "Exchanger", "Handle", "ExchangeError", "partition"]
+__all__ = ["ALGORITHMS", "Exchanger", "Handle", "ExchangeError", "StallError", "partition"]
 
 _STATE_QUEUED, _STATE_AGREED, _STATE_DONE, _STATE_FAILED = range(4)
 _KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2, "alltoall": 3}
@@ -153,18 +155,29 @@ class Handle:
         self._raise_if_failed()
         return True
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, *, label: str | None = None) -> None:
         """Block until complete, releasing the GIL while waiting.
+
+        Without a `timeout`, the exchanger's stall watch applies: after
+        `stall_warn_s` a line names the ranks holding this request up, and
+        after `stall_timeout_s` `StallError` is raised (see engine/stall.py).
+        `label` (e.g. "allreduce layer 3") goes into those messages.
 
         Raises
         ------
         TimeoutError
             after `timeout` seconds, naming what is still pending (for example a
             peer rank that never posted the matching collective).
+        StallError
+            after the exchanger's `stall_timeout_s`, naming the culprit ranks.
         ExchangeError
             if MPI reported an error for this collective.
         """
-        if not self._request.wait(timeout):
+        watch = self._exchanger._stall
+        if timeout is None and watch is not None:
+            what = self._request.description + (f" [{label}]" if label else "")
+            watch.wait(self._request.wait, self._request.seq, what)
+        elif not self._request.wait(timeout):
             raise TimeoutError(self._pending_message(timeout))
         self._raise_if_failed()
 
@@ -235,12 +248,21 @@ class Exchanger:
         ``"auto"`` only: fixed thresholds instead of the ones computed from
         `network`, e.g. ``"recursive_doubling_below=65536,ring_from=inf"``
         (also read from $EXCHANGER_AUTO_THRESHOLDS). See `auto`.
+    stall_warn_s : float or None
+        A `wait()` without timeout that lasts this long prints one line naming
+        the ranks that have not posted the request, or do not answer at all
+        (engine/stall.py), and again every as many seconds. None disables
+        stall detection (and its responder thread).
+    stall_timeout_s : float or None
+        Such a wait raises `StallError` with that diagnosis after this many
+        seconds; None (the default) waits forever.
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  poll_us: int = 200, pin_cpu: int | None = None, trace: bool = False,
                  close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
-                 algorithm: str = "mpi", network=None, auto_thresholds=None):
+                 algorithm: str = "mpi", network=None, auto_thresholds=None,
+                 stall_warn_s: float | None = 60.0, stall_timeout_s: float | None = None):
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError(
                 "MPI was initialised below MPI_THREAD_MULTIPLE "
@@ -255,6 +277,10 @@ class Exchanger:
             raise ValueError(f"max_inflight must be in [1, 256], got {max_inflight}")
         if int(poll_us) < 0:
             raise ValueError(f"poll_us must be >= 0, got {poll_us}")
+        if stall_warn_s is not None and not float(stall_warn_s) > 0:
+            raise ValueError(f"stall_warn_s must be > 0 or None, got {stall_warn_s}")
+        if stall_timeout_s is not None and not float(stall_timeout_s) > 0:
+            raise ValueError(f"stall_timeout_s must be > 0 or None, got {stall_timeout_s}")
         base = MPI.COMM_WORLD if comm is None else comm
         if not isinstance(base, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
@@ -278,6 +304,15 @@ class Exchanger:
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
                                         self.poll_us, -1 if pin_cpu is None else int(pin_cpu),
                                         bool(trace), int(slice_us), int(nice))
+        self._stall = None
+        if stall_warn_s is not None or stall_timeout_s is not None:
+            try:
+                self._stall = StallWatch(self._engine, self._comm,
+                                         stall_warn_s if stall_warn_s is not None else
+                                         stall_timeout_s, stall_timeout_s)
+            except BaseException:
+                self._engine.close(self.close_timeout)     # nothing enqueued: exits at once
+                raise
         _LIVE.add(self)
 
     # -- context manager ------------------------------------------------------
@@ -433,6 +468,31 @@ class Exchanger:
         """
         return self._engine.stats()
 
+    def wait_mpi(self, request, description: str) -> None:
+        """Wait for an mpi4py request (an Ibarrier, an Iallreduce of the caller's)
+        under this exchanger's stall watch, so that it too names a stopped rank
+        and times out instead of hanging.
+
+        Raises
+        ------
+        StallError
+            after `stall_timeout_s`.
+        """
+        def poll(seconds: float) -> bool:
+            deadline, nap = time.monotonic() + seconds, 50e-6
+            while not request.Test():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(nap, left))
+                nap = min(2 * nap, 0.01)
+            return True
+
+        if self._stall is None:
+            request.Wait()
+        else:
+            self._stall.wait(poll, None, description)
+
     def drain_trace(self) -> list[tuple]:
         """Chunk events since the last call: (seq, chunk, kind, bytes, t_post, t_done),
         times on `time.monotonic()`'s clock. Empty unless built with trace=True."""
@@ -447,7 +507,16 @@ class Exchanger:
             if self._closed:
                 return
             self._closed = True
-        clean = self._engine.close(self.close_timeout if timeout is None else float(timeout))
+        if timeout is None:
+            # After a StallError the stalled request will likely never complete:
+            # give the thread a moment to finish, not close_timeout.
+            stalled = self._stall is not None and self._stall.stalled
+            timeout = min(1.0, self.close_timeout) if stalled else self.close_timeout
+        clean = self._engine.close(float(timeout))
+        if self._stall is not None:
+            keep = self._stall.close()
+            if keep:
+                _ABANDONED.append(keep)
         if self._engine.leaked:
             _ABANDONED.append((self._engine, list(self._pending.values()), self._comm))
         else:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +29,7 @@ from mpi4py import MPI
 
 import cnn
 from cnn import models
-from cnn.checkpoint import load_checkpoint, save_checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnn.data import (
     DatasetError,
     ShardedSampler,
@@ -38,9 +39,11 @@ from cnn.data import (
     load_mnist,
     normalize_cifar10,
 )
+from cnn.models import StateDictError
 from cnn.optim import SGD
 from cnn.runtime import configure
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
+from engine.stall import StallError
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
@@ -51,6 +54,10 @@ CHECKPOINT_NAME = "checkpoint.npz"
 
 class ConfigError(ValueError):
     """A bad command-line configuration, found before any work."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, unwritable directory); raised on every rank."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lazy only: keep the interval fixed instead of adapting it")
     p.add_argument("--bn-stats", default="average", choices=("average", "local"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stall-warn", type=float, default=60.0, metavar="S",
+                   help="a wait this long prints which ranks hold it up (0: off)")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                   help="a wait this long ends the job on every rank, naming the "
+                        "ranks that hold it up (0: wait forever)")
     return p.parse_args(argv)
 
 
@@ -125,10 +137,28 @@ def check_config(args, size: int) -> None:
         raise ConfigError("--lr, --momentum and --weight-decay must be >= 0")
     if args.checkpoint_every < 0 or args.check_replicas < 0 or args.warmup_iters < 0:
         raise ConfigError("--checkpoint-every, --check-replicas, --warmup-iters must be >= 0")
+    if args.stall_warn < 0 or args.timeout < 0:
+        raise ConfigError("--stall-warn and --timeout must be >= 0 (0 disables them)")
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
     if args.resume and not (Path(args.checkpoint_dir) / CHECKPOINT_NAME).is_file():
         raise ConfigError(f"--resume: no checkpoint at {Path(args.checkpoint_dir) / CHECKPOINT_NAME}")
+
+
+def check_checkpoint_dir(directory: Path, comm) -> None:
+    """Create the checkpoint directory and prove it writable (rank 0), before any
+    training; ConfigError on every rank otherwise."""
+    failure = ""
+    if comm.Get_rank() == 0:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            failure = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    failure = comm.bcast(failure, root=0)
+    if failure:
+        raise ConfigError(f"--checkpoint-dir {directory}: cannot write there: {failure}")
 
 
 def load_data(args, input_shape, num_classes):
@@ -194,14 +224,25 @@ def default_threads(comm) -> int:
     return max(1, (cores or 1) // per_node)
 
 
-def evaluate(model, get, n: int, comm, batch: int = 256) -> tuple[int, int]:
-    """Correct predictions summed over ranks; rank r scores the r-th contiguous shard."""
+def evaluate(model, get, n: int, comm, batch: int = 256, wait=None) -> tuple[int, int]:
+    """Correct predictions summed over ranks; rank r scores the r-th contiguous shard.
+
+    `wait(request, what)`, if given, waits for the summing collective (the
+    exchanger's stall watch, so a stopped rank is named instead of hung on).
+    """
     lo, hi = (n * comm.rank) // comm.size, (n * (comm.rank + 1)) // comm.size
     correct = 0
     for start in range(lo, hi, batch):
         x, y = get(np.arange(start, min(start + batch, hi)))
         correct += int((model.forward(x, train=False).argmax(axis=1) == y).sum())
-    return comm.allreduce(correct, op=MPI.SUM), n
+    # Both buffers are named locals: mpi4py does not keep a collective's buffers alive.
+    mine, total = np.array([correct], np.int64), np.zeros(1, np.int64)
+    request = comm.Iallreduce(mine, total, op=MPI.SUM)
+    if wait is None:
+        request.Wait()
+    else:
+        wait(request, "the held-out accuracy sum")
+    return int(total[0]), n
 
 
 def run(args, comm) -> dict:
@@ -225,23 +266,29 @@ def run(args, comm) -> dict:
     start = 0
     ckpt_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)     # CheckpointError names the file and the fault
         meta = ckpt.metadata
         for key in ("model", "batch_size", "seed"):
             if meta.get(key) != getattr(args, key):
                 raise ConfigError(f"--resume: the checkpoint was written with {key}="
                                   f"{meta.get(key)!r}, this run has {getattr(args, key)!r}")
-        model.load_state_dict({**ckpt.params, **ckpt.buffers})
-        optimizer.load_state_dict(ckpt.optimizer)
+        try:
+            model.load_state_dict({**ckpt.params, **ckpt.buffers})
+            optimizer.load_state_dict(ckpt.optimizer)
+        except (StateDictError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path}: does not fit model {args.model!r} "
+                                  f"({type(e).__name__}: {e})") from e
         start = ckpt.iteration
-    if ckpt_path is not None and rank == 0:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is not None:
+        check_checkpoint_dir(ckpt_path.parent, comm)
 
     try:        # a bad strategy option raises alike on every rank, before any work
         trainer = Trainer(model, optimizer, args.strategy, comm, chunk_bytes=args.chunk_bytes,
                           max_inflight=args.max_inflight, bn_stats=args.bn_stats,
                           skip_nonfinite=args.skip_nonfinite,
                           check_replicas=args.check_replicas, trace=bool(args.trace),
+                          stall_warn_s=args.stall_warn or None,
+                          stall_timeout_s=args.timeout or None,
                           **strategy_options(args))
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -250,24 +297,45 @@ def run(args, comm) -> dict:
     if args.trace:
         from engine.trace import TraceRecorder
         recorder = TraceRecorder(trainer)
-    log = open(args.log, "a") if (args.log and rank == 0) else None
+    # Line-buffered: after a crash the log shows the last iteration reached.
+    log = open(args.log, "a", buffering=1) if (args.log and rank == 0) else None
     bar = None
     if rank == 0 and not args.no_progress and start < total:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
+    saved = {"iteration": start if args.resume else None}
+
     def checkpoint(iteration: int) -> None:
         optimizer_state = trainer.optimizer_state_dict()    # collective for multistep
+        failure = ""
         if rank == 0:
-            save_checkpoint(ckpt_path, {p.name: p.data for p in model.parameters()},
-                            buffers=dict(model.buffers()), optimizer=optimizer_state,
-                            epoch=iteration // steps, iteration=iteration,
-                            metadata={"model": args.model, "dataset": args.dataset,
-                                      "strategy": args.strategy, "batch_size": args.batch_size,
-                                      "seed": args.seed, "ranks": size})
-        comm.Barrier()     # nobody reads a checkpoint before it is complete
+            try:
+                save_checkpoint(ckpt_path, {p.name: p.data for p in model.parameters()},
+                                buffers=dict(model.buffers()), optimizer=optimizer_state,
+                                epoch=iteration // steps, iteration=iteration,
+                                metadata={"model": args.model, "dataset": args.dataset,
+                                          "strategy": args.strategy,
+                                          "batch_size": args.batch_size,
+                                          "seed": args.seed, "ranks": size})
+            except OSError as e:     # full disk, unwritable directory, ...
+                failure = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        # The outcome reaches every rank (so all stop alike), and nobody reads a
+        # checkpoint before it is complete.
+        status = np.array([len(failure) > 0], np.int64)
+        trainer.exchanger.wait_mpi(comm.Ibcast(status, root=0), "the checkpoint barrier")
+        if status[0]:
+            kept = ("the previous checkpoint (iteration "
+                    f"{saved['iteration']}) is intact" if saved["iteration"] is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {ckpt_path} at iteration {iteration}: "
+                f"{failure if rank == 0 else 'see rank 0'}; {kept}. Free space or fix "
+                f"the directory's permissions, then rerun with --resume")
+        saved["iteration"] = iteration
 
     metrics = {"iteration": start}
+    stalled = False
     try:
         epoch0, step0 = divmod(start, steps)
         it = start
@@ -292,7 +360,8 @@ def run(args, comm) -> dict:
             end_of_epoch = step == steps - 1
             if end_of_epoch or it == total:
                 trainer.synchronize()
-                correct, n = evaluate(model, test_get, n_test, comm)
+                correct, n = evaluate(model, test_get, n_test, comm,
+                                      wait=trainer.exchanger.wait_mpi)
                 metrics = {"iteration": it, "epoch": epoch, "loss": loss,
                            "test_accuracy": correct / n}
                 if log is not None:
@@ -310,12 +379,16 @@ def run(args, comm) -> dict:
         trainer.synchronize()
         if recorder is not None:
             recorder.write(args.trace, comm)
+    except StallError:
+        stalled = True
+        raise
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-        trainer.close(synchronize=False)
+        if not stalled:     # a stalled request never completes: closing would wait on it
+            trainer.close(synchronize=False)
     return metrics
 
 
@@ -325,15 +398,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         metrics = run(args, comm)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError) as e:
         # Raised alike on every rank (each reads the same files), before any work.
         if comm.Get_rank() == 0:
             print(f"engine.train: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, ReplicaDivergenceError) as e:   # raised alike on every rank
+    except (NonFiniteError, ReplicaDivergenceError, CheckpointWriteError) as e:
+        # Raised alike on every rank.
         if comm.Get_rank() == 0:
             print(f"engine.train: stopped: {e}", file=sys.stderr)
         return 1
+    except StallError as e:
+        # Every rank that waited says what it saw; the stalled ranks cannot
+        # take part in a clean exit, so the launcher ends the job.
+        print(f"engine.train: {e}; ending the job (resume from the last checkpoint with "
+              "--resume, on fewer ranks if a node is lost)", file=sys.stderr, flush=True)
+        if comm.Get_size() > 1:
+            time.sleep(1.0)    # let the other waiting ranks print their line too
+            comm.Abort(3)
+        return 3
     except Exception:
         # Raised on this rank only: the others would wait forever in a collective.
         if comm.Get_size() > 1:

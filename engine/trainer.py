@@ -88,6 +88,9 @@ class Trainer:
         weights (`check_replicas()`); 0 disables.
     trace : bool
         Record layer spans, waits and chunk events (`trace_events`).
+    stall_warn_s, stall_timeout_s : float or None
+        Passed to the `Exchanger`: a wait this long names the ranks holding
+        it up; one that long raises `engine.StallError` (None: never).
     **strategy_options
         Passed to the strategy (e.g. ``bucket_bytes``).
     """
@@ -96,6 +99,7 @@ class Trainer:
                  chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 200,
                  bn_stats: str = "average", skip_nonfinite: bool = False,
                  check_replicas: int = 0, trace: bool = False, algorithm: str = "mpi",
+                 stall_warn_s: float | None = 60.0, stall_timeout_s: float | None = None,
                  **strategy_options):
         if bn_stats not in ("average", "local"):
             raise ValueError(f"bn_stats must be 'average' or 'local', got {bn_stats!r}")
@@ -110,7 +114,8 @@ class Trainer:
         self.tracing = bool(trace)
         base = MPI.COMM_WORLD if comm is None else comm
         self.exchanger = Exchanger(base, chunk_bytes=chunk_bytes, max_inflight=max_inflight,
-                                   poll_us=poll_us, trace=self.tracing, algorithm=algorithm)
+                                   poll_us=poll_us, trace=self.tracing, algorithm=algorithm,
+                                   stall_warn_s=stall_warn_s, stall_timeout_s=stall_timeout_s)
         self.comm = base.Dup()     # the trainer's own blocking collectives (replica check)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         try:
@@ -153,7 +158,13 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.close(synchronize=exc_type is None)
+        try:
+            self.close(synchronize=exc_type is None)
+        except Exception:
+            if exc_type is None:
+                raise
+            # Leaving on an error (a StallError, say): that error is the news,
+            # not the shutdown that could not finish what it left pending.
 
     # -- hooks ----------------------------------------------------------------------
     def _pre_forward(self, i, layer) -> None:

@@ -128,3 +128,22 @@ ctypedef struct engine_t:
     long long round_recv[NEGOTIATION_LEN]
     long long algorithm_chunks  # chunks posted with our own algorithms (their tags)
     int tag_ub                  # MPI_TAG_UB of the communicator
+
+
+# The stall responder (a thread of its own; see StallResponder in the .pyx).
+cdef enum:
+    STALL_QUERY_TAG = 7301
+    STALL_REPLY_TAG = 7302
+    STALL_QUERY_LEN = 1         # [query id]
+    STALL_REPLY_LEN = 4         # [query id, requests enqueued, completed, failed]
+
+ctypedef struct responder_t:
+    MPI_Comm comm
+    engine_t* engine            # counters read under engine.lock
+    long poll_us
+    pthread_t thread
+    int started
+    int stop                    # guarded by lock
+    long long answered
+    pthread_mutex_t lock
+    pthread_cond_t wake

@@ -21,6 +21,7 @@ from mpi4py.libmpi cimport (
     MPI_MAX_ERROR_STRING, MPI_MIN, MPI_OP_NULL, MPI_Iallgatherv, MPI_Iallreduce, MPI_Ialltoallv,
     MPI_Ireduce_scatter, MPI_Irecv, MPI_Isend, MPI_Isendrecv, MPI_REQUEST_NULL, MPI_Status,
     MPI_SUCCESS, MPI_SUM, MPI_TAG_UB, MPI_Comm_get_attr, MPI_Test, MPI_Testsome, MPI_UNDEFINED,
+    MPI_ANY_SOURCE, MPI_Iprobe, MPI_Recv, MPI_Send,
 )
 cimport mpi4py.MPI as MPI
 
@@ -830,3 +831,121 @@ cdef class Engine:
 def monotonic():
     """The clock the engine stamps events with (CLOCK_MONOTONIC, seconds)."""
     return now()
+
+
+# ----------------------------------------------------------------------------
+# Stall responder: answers "how far have you got?" while Python may be stuck
+# ----------------------------------------------------------------------------
+#
+# A rank that has waited too long for a collective asks its peers, point to
+# point on a communicator of their own (so nothing can match the engine's
+# collectives), how many requests they have enqueued. The answer comes from
+# this thread, which never takes the GIL: a rank whose Python is busy or hung
+# still answers, and one that does not answer is stopped, dead or swapped out.
+
+cdef void* responder_main(void* arg) noexcept nogil:
+    cdef responder_t* s = <responder_t*>arg
+    cdef long long query[STALL_QUERY_LEN]
+    cdef long long reply[STALL_REPLY_LEN]
+    cdef int flag
+    cdef MPI_Status status
+    cdef timespec ts
+    cdef double deadline
+    while True:
+        pthread_mutex_lock(&s.lock)
+        if not s.stop:
+            deadline = now() + 1e-6 * s.poll_us
+            ts.tv_sec = <long>deadline
+            ts.tv_nsec = <long>((deadline - ts.tv_sec) * 1e9)
+            pthread_cond_timedwait(&s.wake, &s.lock, &ts)
+        if s.stop:
+            pthread_mutex_unlock(&s.lock)
+            break
+        pthread_mutex_unlock(&s.lock)
+        while True:
+            flag = 0
+            if MPI_Iprobe(MPI_ANY_SOURCE, STALL_QUERY_TAG, s.comm, &flag, &status) != MPI_SUCCESS:
+                break
+            if not flag:
+                break
+            if MPI_Recv(query, STALL_QUERY_LEN, MPI_LONG_LONG, status.MPI_SOURCE,
+                        STALL_QUERY_TAG, s.comm, &status) != MPI_SUCCESS:
+                break
+            reply[0] = query[0]
+            pthread_mutex_lock(&s.engine.lock)
+            reply[1] = s.engine.n_enqueued
+            reply[2] = s.engine.requests_completed
+            reply[3] = s.engine.requests_failed
+            pthread_mutex_unlock(&s.engine.lock)
+            # A few bytes: sent eagerly, so this returns even if the asker is gone.
+            MPI_Send(reply, STALL_REPLY_LEN, MPI_LONG_LONG, status.MPI_SOURCE,
+                     STALL_REPLY_TAG, s.comm)
+            s.answered += 1
+    return NULL
+
+
+cdef class StallResponder:
+    """A C thread that answers peers' stall queries with this engine's counters.
+
+    Parameters
+    ----------
+    engine : Engine
+        Whose counters are reported (read under its lock).
+    comm : mpi4py.MPI.Comm
+        A communicator used for nothing else (queries and replies only).
+    poll_us : int
+        How often the thread looks for a query; one MPI_Iprobe each time.
+    """
+    cdef responder_t* s
+    cdef Engine engine
+    cdef object comm
+    query_tag = STALL_QUERY_TAG
+    reply_tag = STALL_REPLY_TAG
+    reply_len = STALL_REPLY_LEN
+
+    def __cinit__(self, Engine engine not None, MPI.Comm comm not None, long poll_us):
+        cdef pthread_condattr_t attr
+        if poll_us < 1:
+            raise ValueError(f"poll_us must be >= 1, got {poll_us}")
+        self.s = <responder_t*>calloc(1, sizeof(responder_t))
+        if self.s == NULL:
+            raise MemoryError()
+        self.engine = engine
+        self.comm = comm
+        self.s.comm = comm.ob_mpi
+        self.s.engine = engine.e
+        self.s.poll_us = poll_us
+        pthread_mutex_init(&self.s.lock, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.s.wake, &attr)
+        pthread_condattr_destroy(&attr)
+        if pthread_create(&self.s.thread, NULL, responder_main, self.s) != 0:
+            raise RuntimeError("could not start the stall responder thread")
+        self.s.started = 1
+
+    def stop(self):
+        """Stop and join the thread (idempotent); afterwards no MPI call is made."""
+        if self.s == NULL or not self.s.started:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.s.lock)
+            self.s.stop = 1
+            pthread_cond_signal(&self.s.wake)
+            pthread_mutex_unlock(&self.s.lock)
+            pthread_join(self.s.thread, NULL)
+        self.s.started = 0
+
+    @property
+    def answered(self):
+        """Queries answered so far."""
+        return self.s.answered
+
+    def __dealloc__(self):
+        if self.s == NULL:
+            return
+        self.stop()
+        pthread_mutex_destroy(&self.s.lock)
+        pthread_cond_destroy(&self.s.wake)
+        free(self.s)
+        self.s = NULL

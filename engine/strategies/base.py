@@ -155,7 +155,7 @@ class Strategy:
             handle.wait()
             return
         start = time.monotonic()
-        handle.wait()
+        handle.wait(label=label)
         end = time.monotonic()
         self.wait_seconds += end - start
         if self.wait_events is not None:
