@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument("--warmup-iters", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="data order only (default: --seed); as engine.ensemble's --data-seed")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="iterations between checkpoints (0: at the end of every epoch)")
@@ -213,7 +215,8 @@ def run(args, comm) -> dict:
         raise ConfigError(f"dataset {args.dataset!r} has {n_train} training samples, fewer than "
                           f"the global batch {args.batch_size}")
     cnn.set_num_threads(args.threads or default_threads(comm))
-    sampler = ShardedSampler(n_train, args.batch_size, rank, size, seed=args.seed)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    sampler = ShardedSampler(n_train, args.batch_size, rank, size, seed=data_seed)
     steps = sampler.steps_per_epoch
     total = args.iters if args.iters is not None else (args.epochs or 20) * steps
     schedule = make_schedule(args, total)
