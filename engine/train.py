@@ -40,6 +40,7 @@ from cnn.data import (
 )
 from cnn.optim import SGD
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
+from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lazy only: keep the interval fixed instead of adapting it")
     p.add_argument("--bn-stats", default="average", choices=("average", "local"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                   help="slow RANK's layers down by FACTOR (engine/straggler.py)")
+    p.add_argument("--straggler-mode", default="sleep", choices=("sleep", "spin"),
+                   help="how the straggler's extra time is spent")
     return p.parse_args(argv)
 
 
@@ -126,6 +131,11 @@ def check_config(args, size: int) -> None:
         raise ConfigError("--lr, --momentum and --weight-decay must be >= 0")
     if args.checkpoint_every < 0 or args.check_replicas < 0 or args.warmup_iters < 0:
         raise ConfigError("--checkpoint-every, --check-replicas, --warmup-iters must be >= 0")
+    if args.straggler is not None:
+        try:
+            parse_straggler(args.straggler, size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
     if args.resume and not (Path(args.checkpoint_dir) / CHECKPOINT_NAME).is_file():
@@ -222,6 +232,10 @@ def run(args, comm) -> dict:
     schedule = make_schedule(args, total)
 
     model = models.build(args.model, seed=args.seed)
+    if args.straggler is not None:
+        straggler_rank, factor = parse_straggler(args.straggler, size)
+        if rank == straggler_rank:
+            Straggler(model, factor, args.straggler_mode)
     optimizer = SGD(model.parameters(), lr=schedule(0), momentum=args.momentum,
                     weight_decay=args.weight_decay)
     start = 0
