@@ -40,6 +40,7 @@ from cnn.data import (
 )
 from cnn.optim import SGD
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
+from engine.async_checkpoint import AsyncCheckpointWriter
 from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="iterations between checkpoints (0: at the end of every epoch)")
+    p.add_argument("--checkpoint-async", action="store_true",
+                   help="write checkpoints on a background thread while training continues "
+                        "(engine/async_checkpoint.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue from CHECKPOINT_DIR/checkpoint.npz")
     p.add_argument("--trace", default=None, help="write a Chrome-trace JSON here")
@@ -272,16 +276,20 @@ def run(args, comm) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
+    writer = AsyncCheckpointWriter() if (args.checkpoint_async and rank == 0) else None
+    save = writer.submit if writer is not None else save_checkpoint
+
     def checkpoint(iteration: int) -> None:
         optimizer_state = trainer.optimizer_state_dict()    # collective for multistep
         if rank == 0:
-            save_checkpoint(ckpt_path, {p.name: p.data for p in model.parameters()},
+            save(ckpt_path, {p.name: p.data for p in model.parameters()},
                             buffers=dict(model.buffers()), optimizer=optimizer_state,
                             epoch=iteration // steps, iteration=iteration,
                             metadata={"model": args.model, "dataset": args.dataset,
                                       "strategy": args.strategy, "batch_size": args.batch_size,
                                       "seed": args.seed, "ranks": size})
-        comm.Barrier()     # nobody reads a checkpoint before it is complete
+        if writer is None:
+            comm.Barrier()     # nobody reads a checkpoint before it is complete
 
     metrics = {"iteration": start}
     try:
@@ -326,6 +334,10 @@ def run(args, comm) -> dict:
         trainer.synchronize()
         if recorder is not None:
             recorder.write(args.trace, comm)
+        if args.checkpoint_async:
+            if writer is not None:
+                writer.close()      # the last checkpoint is on disk before run() returns
+            comm.Barrier()
     finally:
         if bar is not None:
             bar.close()
