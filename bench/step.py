@@ -20,7 +20,8 @@ iterations after `--warmup` untimed ones:
 
 With ``--straggler RANK:FACTOR`` that rank's layers run FACTOR times slower
 (engine/straggler.py) in every measurement; compute_ms is then the
-straggler's (the slowest rank's) and compute_ms_fastest the others'.
+straggler's (the slowest rank's) and compute_ms_fastest the others', and
+straggler_delay_ms the delay the straggler added per timed iteration.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def setup(args, comm):
 
 
 def slowed(model, args, comm):
-    """The model, slowed down on the straggler rank (`--straggler`)."""
+    """The model, slowed down on the straggler rank (`--straggler`); the
+    `Straggler` is kept as ``model.straggler`` (None elsewhere)."""
+    model.straggler = None
     if args.straggler is not None and comm.rank == args.straggler_rank:
-        Straggler(model, args.straggler_factor, args.straggler_mode)
+        model.straggler = Straggler(model, args.straggler_factor, args.straggler_mode)
     return model
 
 
@@ -137,12 +140,15 @@ def main(argv=None):
         for k, (x, y) in enumerate(data):
             if k == args.warmup:
                 stats0 = trainer.exchanger.stats()
+                delay0 = model.straggler.delay_s if model.straggler is not None else 0.0
             start = time.monotonic()
             trainer.step(x, y)
             if k >= args.warmup:
                 iter_times.append(time.monotonic() - start)
         trainer.synchronize()
         stats1 = trainer.exchanger.stats()
+        delay_ms = (1e3 * (model.straggler.delay_s - delay0) / args.iters
+                    if model.straggler is not None else 0.0)
     comm.Barrier()
     compute_times += compute_only(slowed(models.build(args.model, seed=0), args, comm), data,
                                   args.warmup)
@@ -152,7 +158,9 @@ def main(argv=None):
         extra = {"straggler_rank": args.straggler_rank,
                  "straggler_factor": args.straggler_factor,
                  "straggler_mode": args.straggler_mode,
-                 "compute_ms_fastest": round(comm.allreduce(compute_ms, op=MPI.MIN), 3)}
+                 "compute_ms_fastest": round(comm.allreduce(compute_ms, op=MPI.MIN), 3),
+                 # Injected per timed iteration, as measured by the straggler itself.
+                 "straggler_delay_ms": round(comm.allreduce(delay_ms, op=MPI.MAX), 3)}
     iter_ms = 1e3 * float(np.median(iter_times))
     # Medians over ranks too: rank 0 reports the slowest rank's figure.
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)

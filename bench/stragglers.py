@@ -11,8 +11,9 @@ For every model, strategy and factor, the last rank is slowed by FACTOR
 takes FACTOR times as long, engine/straggler.py). From the step benchmark:
 
 - iter_ms: the iteration (slowest rank);
-- straggler_delay_ms = compute_ms - compute_ms_fastest: how much longer the
-  straggler computes than the others in the same run;
+- straggler_delay_ms: the delay the straggler added per iteration (measured
+  by its `Straggler`, so exact however noisy the machine); compute_ms and
+  compute_ms_fastest: the straggler's and the other ranks' compute;
 - hidden_fraction = 1 - (iter_ms(FACTOR) - iter_ms(1.0)) / straggler_delay_ms:
   the part of the straggler's delay the strategy hides; 0 = the whole delay
   shows in the iteration, 1 = none of it does.
@@ -126,7 +127,8 @@ def timelines(args, base: str) -> list[str]:
     model, factor = args.models.split(",")[0], args.factors[-1]
     written = []
     for strategy in ("blocking", "multistep"):
-        trace = f"{base}_trace_{strategy}.json"
+        # Named trace_* so that bench/report.py's stragglers*.json holds only results.
+        trace = os.path.join(os.path.dirname(base), f"trace_{os.path.basename(base)}_{strategy}.json")
         argv = ["--model", model, "--dataset", "synthetic", "--synthetic-size", "512",
                 "--batch-size", str(args.batch_size_per_rank * COMM.size), "--iters", "3",
                 "--strategy", strategy, "--threads", "1", "--no-progress", "--trace", trace,
@@ -155,12 +157,11 @@ def main(argv=None):
             baseline = None
             for factor in args.factors:
                 r = measure(args, model, strategy, factor)
-                delay = r["compute_ms"] - r["compute_ms_fastest"]
+                delay = r["straggler_delay_ms"]
                 baseline = baseline or r["iter_ms"]
                 hidden = (1 - (r["iter_ms"] - baseline) / delay
                           if factor > 1.0 and delay > 0 else None)
-                rows.append({**r, "straggler_delay_ms": round(delay, 3),
-                             "hidden_fraction": None if hidden is None else round(hidden, 3)})
+                rows.append({**r, "hidden_fraction": None if hidden is None else round(hidden, 3)})
                 if COMM.rank == 0:
                     print(f"bench.stragglers: {model} {strategy} x{factor:g}: iter "
                           f"{r['iter_ms']:.1f} ms, delay {delay:.1f} ms", file=sys.stderr)
