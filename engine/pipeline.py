@@ -183,8 +183,8 @@ class SharedDelivery:
     sample_shape : tuple of int
         (C, H, W) of one sample, for the receive buffers.
     depth : int, default 2
-        Steps in flight: 2 is double buffering (the next step's shard arrives
-        while this step computes).
+        Receive buffers in use: 2 is double buffering (the next step's shard
+        arrives while this step computes on the other buffer).
     """
 
     ROOT = 0
@@ -204,9 +204,9 @@ class SharedDelivery:
         self._positions = iter(())
 
     def start(self, positions) -> None:
-        """Post the first `depth` steps of the (epoch, step) sequence (every rank)."""
+        """Post the first ``depth - 1`` steps of the (epoch, step) sequence (every rank)."""
         self._positions = iter(positions)
-        for _ in range(self.depth):
+        for _ in range(self.depth - 1):
             self._post()
 
     def _post(self) -> None:
@@ -229,12 +229,13 @@ class SharedDelivery:
         self._pending.append((requests, x, y, send_x, send_y))
 
     def next(self):
-        """Wait for this step's shard, post the step `depth` ahead; a function returning (x, y)."""
+        """Post the step ``depth - 1`` ahead, wait for this step's shard; a
+        function returning (x, y), valid until the next call."""
+        self._post()
         if not self._pending:
             raise RuntimeError("SharedDelivery: no step left to deliver")
         requests, x, y, _, _ = self._pending.popleft()
         MPI.Request.Waitall(requests)
-        self._post()
         return lambda: (x, y)
 
     def progress(self) -> None:
