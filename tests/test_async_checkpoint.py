@@ -94,7 +94,18 @@ def test_killed_mid_write_the_previous_checkpoint_is_intact(tmp_path):
     np.testing.assert_array_equal(ckpt.params["w"], np.full(4096, 1.0, np.float32))
 
 
-def test_sync_and_async_checkpoints_of_engine_train_are_identical(tmp_path):
+@pytest.fixture
+def restore_threads():
+    """engine.train sets the process-wide compute thread count; later tests expect it back."""
+    import numba
+
+    import cnn
+    threads = numba.get_num_threads()
+    yield
+    cnn.set_num_threads(threads)
+
+
+def test_sync_and_async_checkpoints_of_engine_train_are_identical(tmp_path, restore_threads):
     from mpi4py import MPI
 
     from engine import train
