@@ -8,7 +8,9 @@
 
 For every model, strategy and factor, the last rank is slowed by FACTOR
 (`bench.step --straggler P-1:FACTOR`: each of its layers' forward and backward
-takes FACTOR times as long, engine/straggler.py). From the step benchmark:
+takes FACTOR times as long, engine/straggler.py; for ddp, PyTorch
+DistributedDataParallel slowed by torch hooks, `bench.peers.ddp.slow_down`,
+skipped without torch). From the step benchmark:
 
 - iter_ms: the iteration (slowest rank);
 - straggler_delay_ms: the delay the straggler added per iteration (measured
@@ -39,6 +41,7 @@ import sys
 from mpi4py import MPI
 
 from bench import step
+from bench.peers import ddp
 from engine import train
 from engine.strategies import STRATEGIES
 
@@ -49,7 +52,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.stragglers",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet20,vgg16-cifar")
-    p.add_argument("--strategies", default="blocking,layerwise,priority,multistep")
+    p.add_argument("--strategies", default="blocking,layerwise,priority,multistep,ddp",
+                   help="engine strategies and ddp (PyTorch DDP, needs `make torch`)")
     p.add_argument("--factors", default="1.0,1.5,2.0")
     p.add_argument("--batch-size-per-rank", type=int, default=16)
     p.add_argument("--iters", type=int, default=3)
@@ -64,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"))
     args = p.parse_args(argv)
     if args.full:
-        args.strategies, args.factors = ",".join(STRATEGIES), "1.0,1.1,1.25,1.5,2.0"
+        args.strategies, args.factors = ",".join([*STRATEGIES, "ddp"]), "1.0,1.1,1.25,1.5,2.0"
     if args.quick:
         args.models, args.strategies, args.factors = "resnet20", "blocking,multistep", "1.0,2.0"
         args.batch_size_per_rank, args.iters = 8, 2
@@ -72,18 +76,23 @@ def parse_args(argv=None):
     if args.factors[0] != 1.0:
         p.error("--factors must start with 1.0 (the baseline of hidden_fraction)")
     for s in args.strategies.split(","):
-        if s not in STRATEGIES:
+        if s not in STRATEGIES and s != "ddp":
             p.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
     return args
 
 
-def measure(args, model, strategy, factor) -> dict:
-    argv = ["--model", model, "--strategy", strategy, "--iters", str(args.iters),
-            "--warmup", str(args.warmup), "--batch-size-per-rank", str(args.batch_size_per_rank),
-            "--link", args.link, "--straggler", f"{COMM.size - 1}:{factor}",
-            "--straggler-mode", args.mode]
-    with contextlib.redirect_stdout(io.StringIO()):      # bench.step prints on rank 0
-        return step.main(argv)
+def measure(args, model, strategy, factor) -> dict | None:
+    """bench.step's record (bench.peers.ddp's for "ddp"; None without torch)."""
+    argv = ["--model", model, "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--batch-size-per-rank", str(args.batch_size_per_rank), "--link", args.link,
+            "--straggler", f"{COMM.size - 1}:{factor}", "--straggler-mode", args.mode]
+    with contextlib.redirect_stdout(io.StringIO()):      # both print on rank 0
+        if strategy != "ddp":
+            return step.main([*argv, "--strategy", strategy])
+        # A fresh rendezvous file per gloo process group.
+        measure.groups = getattr(measure, "groups", 0) + 1
+        path = COMM.bcast(f"/tmp/ddp-stragglers-{os.getpid()}-{measure.groups}", root=0)
+        return ddp.run([*argv, "--rendezvous", path])
 
 
 def table(rows) -> str:
@@ -157,6 +166,8 @@ def main(argv=None):
             baseline = None
             for factor in args.factors:
                 r = measure(args, model, strategy, factor)
+                if r is None:       # ddp without torch: bench.peers.ddp said so
+                    break
                 delay = r["straggler_delay_ms"]
                 baseline = baseline or r["iter_ms"]
                 hidden = (1 - (r["iter_ms"] - baseline) / delay

@@ -57,3 +57,27 @@ def test_parse_straggler():
     assert parse_straggler("1:1.25", 2) == (1, 1.25)
     with pytest.raises(ValueError, match="mode"):
         Straggler(models.build("digits"), 2.0, "nap")
+
+
+def test_ddp_peer_slow_down_delays_torch_modules_and_computes_the_same():
+    torch = pytest.importorskip("torch")
+    from bench.peers.ddp import slow_down
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
+
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    reference = build()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    model = build()
+    straggler = slow_down(model, 3.0, "spin")
+    start = time.perf_counter()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    elapsed = time.perf_counter() - start
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert straggler.compute_s > 0
+    assert straggler.delay_s >= 2 * straggler.compute_s - MIN_DELAY_S
+    assert elapsed >= 3 * straggler.compute_s - MIN_DELAY_S
