@@ -283,11 +283,11 @@ def run(args, comm) -> dict:
         optimizer_state = trainer.optimizer_state_dict()    # collective for multistep
         if rank == 0:
             save(ckpt_path, {p.name: p.data for p in model.parameters()},
-                            buffers=dict(model.buffers()), optimizer=optimizer_state,
-                            epoch=iteration // steps, iteration=iteration,
-                            metadata={"model": args.model, "dataset": args.dataset,
-                                      "strategy": args.strategy, "batch_size": args.batch_size,
-                                      "seed": args.seed, "ranks": size})
+                 buffers=dict(model.buffers()), optimizer=optimizer_state,
+                 epoch=iteration // steps, iteration=iteration,
+                 metadata={"model": args.model, "dataset": args.dataset,
+                           "strategy": args.strategy, "batch_size": args.batch_size,
+                           "seed": args.seed, "ranks": size})
         if writer is None:
             comm.Barrier()     # nobody reads a checkpoint before it is complete
 
