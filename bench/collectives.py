@@ -25,6 +25,7 @@ from mpi4py import MPI
 
 from cnn import models
 from cnn.optim import SGD
+from cnn.runtime import configure
 from engine.trainer import Trainer
 
 STRATEGY_OPTIONS = {
@@ -51,6 +52,7 @@ def count(model, strategy: str, comm, x, y) -> int:
 
 
 def main(argv=None) -> None:
+    configure(progress_thread=True)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet50,vgg16")
     p.add_argument("--strategies", default=",".join(STRATEGY_OPTIONS))

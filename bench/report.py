@@ -211,6 +211,65 @@ def simulate_section():
     return lines
 
 
+def ensemble_section(rows):
+    rows = [r for r in rows if "img_s_per_member" in r]
+    if not rows:
+        return []
+    r0 = rows[0]
+    lines = ["### Ensemble training: shared vs separate data pipeline (bench/ensemble.py)", "",
+             f"`python -m bench.ensemble`: K members of {r0['model']}, one rank each, one epoch "
+             f"of {r0['iters']} steps of {r0['batch_size']} CIFAR-shaped images (zlib decode, "
+             "random crop + flip, normalisation); CPU seconds of all ranks and of the pipeline "
+             "alone (docs/ensemble.md).", "",
+             "| members | pipeline | CPU s | pipeline CPU s | wall s / epoch | img/s per member |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["members"], r["pipeline"] != "shared")):
+        lines.append(f"| {r['members']} | {r['pipeline']} | {r['cpu_s']:.2f} | "
+                     f"{r['pipeline_cpu_s']:.3f} | {r['wall_s']:.2f} | "
+                     f"{r['img_s_per_member']:.1f} |")
+    lines.append("")
+    if os.path.exists(os.path.join(RESULTS, "ensemble.png")):
+        lines += ["![ensemble](bench/results/ensemble.png)", ""]
+    return lines
+
+
+def stragglers_section(rows):
+    rows = [r for r in rows if "hidden_fraction" in r]
+    if not rows:
+        return []
+    lines = ["### Stragglers (bench/stragglers.py)", "",
+             "The last rank's layers slowed by a factor (`--straggler`); hidden fraction = "
+             "1 - (iteration increase) / (straggler's extra compute): 0 = the whole delay shows, "
+             "1 = none (docs/stragglers.md).", "",
+             "| model | ranks | link | strategy | factor | iter ms | straggler delay ms | "
+             "hidden fraction |", "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        hidden = "" if r["hidden_fraction"] is None else f"{r['hidden_fraction']:.2f}"
+        lines.append(f"| {r['model']} | {r['ranks']} | {r['link']} | {r['strategy']} | "
+                     f"{r['straggler_factor']:g} | {r['iter_ms']:.1f} | "
+                     f"{r['straggler_delay_ms']:.1f} | {hidden} |")
+    lines.append("")
+    for name in ("blocking", "multistep"):
+        if os.path.exists(os.path.join(RESULTS, f"stragglers_timeline_{name}.png")):
+            lines += [f"**worst case, {name}**", "",
+                      f"![{name}](bench/results/stragglers_timeline_{name}.png)", ""]
+    return lines
+
+
+def checkpoint_section(rows):
+    rows = [r for r in rows if r.get("mode") in ("none", "sync", "async")]
+    if not rows:
+        return []
+    r0 = rows[0]
+    lines = ["### Checkpoints in the background (bench/checkpoint_async.py)", "",
+             f"{r0['model']}, {r0['ranks']} ranks, a checkpoint ({r0['checkpoint_mb']:.0f} MB) "
+             f"every {r0['every']} steps: mean step time and what checkpointing adds.", "",
+             "| mode | step ms | overhead |", "|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['step_ms']:.1f} | {100 * r['overhead']:+.1f} % |")
+    return lines + [""]
+
+
 def sections(headline: bool) -> str:
     """All tables as markdown: every row for summary.md, the headline rows for the README."""
     parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
@@ -221,6 +280,9 @@ def sections(headline: bool) -> str:
     parts += timeline_section()
     parts += model_check_section(load("model_check_*.json"))
     parts += simulate_section()
+    parts += ensemble_section(load("ensemble*.json"))
+    parts += stragglers_section(load("stragglers*.json"))
+    parts += checkpoint_section(load("checkpoint_async*.json"))
     return "\n".join(parts)
 
 

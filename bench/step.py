@@ -17,6 +17,11 @@ iterations after `--warmup` untimed ones:
   0 is no overlap, 1 the physical limit iter = max(compute, comm);
 - bytes_per_iter: bytes this rank posted to collectives per iteration;
 - progress_cpu_s: CPU seconds of the progress thread per iteration.
+
+With ``--straggler RANK:FACTOR`` that rank's layers run FACTOR times slower
+(engine/straggler.py) in every measurement; compute_ms is then the
+straggler's (the slowest rank's) and compute_ms_fastest the others', and
+straggler_delay_ms the delay the straggler added per timed iteration.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from cnn.losses import SoftmaxCrossEntropy
 from cnn.optim import SGD
 from cnn.runtime import configure
 from engine.exchanger import ALGORITHMS, Exchanger
+from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import Trainer
 
@@ -49,7 +55,16 @@ def parse_args(argv=None):
                    choices=("auto", "alltoall", "activations", "reduce_scatter"))
     p.add_argument("--algorithm", default="mpi", choices=ALGORITHMS,
                    help="the exchanger's allreduce algorithm (auto: $EXCHANGER_NETFIT's link)")
+    p.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                   help="slow RANK's layers down by FACTOR (engine/straggler.py)")
+    p.add_argument("--straggler-mode", default="sleep", choices=("sleep", "spin"))
     args = p.parse_args(argv)
+    if args.straggler is not None:
+        try:
+            args.straggler_rank, args.straggler_factor = parse_straggler(
+                args.straggler, MPI.COMM_WORLD.size)
+        except ValueError as e:
+            p.error(str(e))
     if args.model not in models.MODELS:
         p.error(f"unknown --model {args.model!r}; choose from {', '.join(models.MODELS)}")
     return args
@@ -66,6 +81,15 @@ def setup(args, comm):
     cnn.set_num_threads(args.threads)
     model = models.build(args.model, seed=0)
     return model, batches(model, args.batch_size_per_rank, args.warmup + args.iters, comm.rank)
+
+
+def slowed(model, args, comm):
+    """The model, slowed down on the straggler rank (`--straggler`); the
+    `Straggler` is kept as ``model.straggler`` (None elsewhere)."""
+    model.straggler = None
+    if args.straggler is not None and comm.rank == args.straggler_rank:
+        model.straggler = Straggler(model, args.straggler_factor, args.straggler_mode)
+    return model
 
 
 def compute_only(model, data, warmup):
@@ -106,11 +130,11 @@ def main(argv=None):
     comm.Barrier()
     # Compute-only steps are timed before and after the strategy's steps: on a
     # shared machine the speed drifts, and one side alone would bias the difference.
-    compute_times = compute_only(model, data, args.warmup)
+    compute_times = compute_only(slowed(model, args, comm), data, args.warmup)
     comm_ms = blocking_allreduce(model.num_parameters(), comm, args.chunk_bytes,
                                  args.max_inflight, algorithm=args.algorithm)
 
-    model = models.build(args.model, seed=0)
+    model = slowed(models.build(args.model, seed=0), args, comm)
     options = {"bucket_bytes": args.bucket_bytes} if args.strategy == "bucketed" else {}
     if args.strategy == "multistep":
         options["fc_mode"] = args.fc_mode
@@ -122,15 +146,27 @@ def main(argv=None):
         for k, (x, y) in enumerate(data):
             if k == args.warmup:
                 stats0 = trainer.exchanger.stats()
+                delay0 = model.straggler.delay_s if model.straggler is not None else 0.0
             start = time.monotonic()
             trainer.step(x, y)
             if k >= args.warmup:
                 iter_times.append(time.monotonic() - start)
         trainer.synchronize()
         stats1 = trainer.exchanger.stats()
+        delay_ms = (1e3 * (model.straggler.delay_s - delay0) / args.iters
+                    if model.straggler is not None else 0.0)
     comm.Barrier()
-    compute_times += compute_only(models.build(args.model, seed=0), data, args.warmup)
+    compute_times += compute_only(slowed(models.build(args.model, seed=0), args, comm), data,
+                                  args.warmup)
     compute_ms = 1e3 * float(np.median(compute_times))
+    extra = {}
+    if args.straggler is not None:   # the straggler's compute is the max; the others', the min
+        extra = {"straggler_rank": args.straggler_rank,
+                 "straggler_factor": args.straggler_factor,
+                 "straggler_mode": args.straggler_mode,
+                 "compute_ms_fastest": round(comm.allreduce(compute_ms, op=MPI.MIN), 3),
+                 # Injected per timed iteration, as measured by the straggler itself.
+                 "straggler_delay_ms": round(comm.allreduce(delay_ms, op=MPI.MAX), 3)}
     iter_ms = 1e3 * float(np.median(iter_times))
     # Medians over ranks too: rank 0 reports the slowest rank's figure.
     iter_ms, compute_ms, comm_ms = (comm.allreduce(v, op=MPI.MAX)
@@ -138,7 +174,8 @@ def main(argv=None):
     result = step_record(
         args, args.strategy, comm.size, iter_ms, compute_ms, comm_ms,
         (stats1["bytes_posted"] - stats0["bytes_posted"]) / args.iters,
-        (stats1["progress_thread_cpu_s"] - stats0["progress_thread_cpu_s"]) / args.iters)
+        (stats1["progress_thread_cpu_s"] - stats0["progress_thread_cpu_s"]) / args.iters,
+        **extra)
     if comm.rank == 0:
         report(result, args)
     return result

@@ -94,6 +94,15 @@ for model in resnet20 vgg16-cifar; do
     done
 done
 
+# Ensembles, stragglers, background checkpoints (docs/ensemble.md, docs/stragglers.md)
+echo "== ensemble (shared vs separate pipeline)"
+"$PY" -m bench.ensemble --json-out "$OUT/ensemble.json" > /dev/null
+echo "== stragglers"
+"$MPIEXEC" -n 2 "$PY" -m bench.stragglers $([ "$mode" = full ] && echo --full) \
+    --json-out "$OUT/stragglers.json" > /dev/null
+echo "== checkpoints, sync vs async"
+"$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --json-out "$OUT/checkpoint_async.json" > /dev/null
+
 if [ "$mode" = full ]; then
     echo "== cost model check and scaling simulation"
     "$PY" -m bench.model_check -o "$OUT/model_check_resnet20.json" || true

@@ -43,7 +43,9 @@ from cnn.models import StateDictError
 from cnn.optim import SGD
 from cnn.runtime import configure
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
+from engine.async_checkpoint import AsyncCheckpointWriter
 from engine.stall import StallError
+from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
@@ -79,9 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument("--warmup-iters", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="data order only (default: --seed); as engine.ensemble's --data-seed")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="iterations between checkpoints (0: at the end of every epoch)")
+    p.add_argument("--checkpoint-async", action="store_true",
+                   help="write checkpoints on a background thread while training continues "
+                        "(engine/async_checkpoint.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue from CHECKPOINT_DIR/checkpoint.npz")
     p.add_argument("--trace", default=None, help="write a Chrome-trace JSON here")
@@ -111,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
                    help="a wait this long ends the job on every rank, naming the "
                         "ranks that hold it up (0: wait forever)")
+    p.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                   help="slow RANK's layers down by FACTOR (engine/straggler.py)")
+    p.add_argument("--straggler-mode", default="sleep", choices=("sleep", "spin"),
+                   help="how the straggler's extra time is spent")
     return p.parse_args(argv)
 
 
@@ -139,6 +150,11 @@ def check_config(args, size: int) -> None:
         raise ConfigError("--checkpoint-every, --check-replicas, --warmup-iters must be >= 0")
     if args.stall_warn < 0 or args.timeout < 0:
         raise ConfigError("--stall-warn and --timeout must be >= 0 (0 disables them)")
+    if args.straggler is not None:
+        try:
+            parse_straggler(args.straggler, size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
     if args.resume and not (Path(args.checkpoint_dir) / CHECKPOINT_NAME).is_file():
@@ -255,12 +271,17 @@ def run(args, comm) -> dict:
         raise ConfigError(f"dataset {args.dataset!r} has {n_train} training samples, fewer than "
                           f"the global batch {args.batch_size}")
     cnn.set_num_threads(args.threads or default_threads(comm))
-    sampler = ShardedSampler(n_train, args.batch_size, rank, size, seed=args.seed)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    sampler = ShardedSampler(n_train, args.batch_size, rank, size, seed=data_seed)
     steps = sampler.steps_per_epoch
     total = args.iters if args.iters is not None else (args.epochs or 20) * steps
     schedule = make_schedule(args, total)
 
     model = models.build(args.model, seed=args.seed)
+    if args.straggler is not None:
+        straggler_rank, factor = parse_straggler(args.straggler, size)
+        if rank == straggler_rank:
+            Straggler(model, factor, args.straggler_mode)
     optimizer = SGD(model.parameters(), lr=schedule(0), momentum=args.momentum,
                     weight_decay=args.weight_decay)
     start = 0
@@ -305,23 +326,26 @@ def run(args, comm) -> dict:
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
     saved = {"iteration": start if args.resume else None}
+    writer = AsyncCheckpointWriter() if (args.checkpoint_async and rank == 0) else None
+    save = writer.submit if writer is not None else save_checkpoint
 
     def checkpoint(iteration: int) -> None:
         optimizer_state = trainer.optimizer_state_dict()    # collective for multistep
         failure = ""
         if rank == 0:
             try:
-                save_checkpoint(ckpt_path, {p.name: p.data for p in model.parameters()},
-                                buffers=dict(model.buffers()), optimizer=optimizer_state,
-                                epoch=iteration // steps, iteration=iteration,
-                                metadata={"model": args.model, "dataset": args.dataset,
-                                          "strategy": args.strategy,
-                                          "batch_size": args.batch_size,
-                                          "seed": args.seed, "ranks": size})
+                # async: a copy is written in the background; an earlier
+                # background write's error surfaces here
+                save(ckpt_path, {p.name: p.data for p in model.parameters()},
+                     buffers=dict(model.buffers()), optimizer=optimizer_state,
+                     epoch=iteration // steps, iteration=iteration,
+                     metadata={"model": args.model, "dataset": args.dataset,
+                               "strategy": args.strategy, "batch_size": args.batch_size,
+                               "seed": args.seed, "ranks": size})
             except OSError as e:     # full disk, unwritable directory, ...
                 failure = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
         # The outcome reaches every rank (so all stop alike), and nobody reads a
-        # checkpoint before it is complete.
+        # (synchronous) checkpoint before it is complete.
         status = np.array([len(failure) > 0], np.int64)
         trainer.exchanger.wait_mpi(comm.Ibcast(status, root=0), "the checkpoint barrier")
         if status[0]:
@@ -379,6 +403,10 @@ def run(args, comm) -> dict:
         trainer.synchronize()
         if recorder is not None:
             recorder.write(args.trace, comm)
+        if args.checkpoint_async:
+            if writer is not None:
+                writer.close()      # the last checkpoint is on disk before run() returns
+            comm.Barrier()
     except StallError:
         stalled = True
         raise

@@ -5,7 +5,7 @@ code picks a batch with ``x[idx], y[idx]`` where ``idx`` comes from
 `ShardedSampler`, which splits each global batch across ranks.
 """
 
-from .augment import random_crop_flip
+from .augment import crop_flip, random_crop_flip
 from .cifar import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -20,7 +20,7 @@ from .sharding import ShardedSampler
 from .synthetic import SyntheticDataset
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_PATH", "DatasetError", "ShardedSampler",
+    "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_PATH", "crop_flip", "DatasetError", "ShardedSampler",
     "SyntheticDataset", "load_cifar10", "load_digits", "load_mnist", "normalize_cifar10",
     "random_crop_flip", "read_cifar10_batch", "read_idx", "read_mnist_images",
     "read_mnist_labels",

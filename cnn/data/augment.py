@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["random_crop_flip"]
+__all__ = ["crop_flip", "random_crop_flip"]
 
 
 def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
@@ -28,9 +28,33 @@ def random_crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> n
     -------
     ndarray of shape (N, C, H, W), same dtype as `x`
     """
-    n, c, h, w = x.shape
+    n = x.shape[0]
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
     flip = rng.random(n) < 0.5
+    return crop_flip(x, offsets, flip, pad)
+
+
+def crop_flip(x: np.ndarray, offsets: np.ndarray, flip: np.ndarray, pad: int = 4) -> np.ndarray:
+    """The deterministic half of `random_crop_flip`: crop and flip as drawn.
+
+    Drawing the offsets and flips of a whole global batch once and applying
+    them to any slice of it gives every rank the same augmented samples
+    whichever rank does the work (engine/ensemble.py relies on this).
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    offsets : ndarray of shape (N, 2), int
+        Top-left corner of each crop in the zero-padded image, in [0, 2 * pad].
+    flip : ndarray of shape (N,), bool
+        Mirror the image horizontally.
+    pad : int, default 4
+
+    Returns
+    -------
+    ndarray of shape (N, C, H, W), same dtype as `x`
+    """
+    n, c, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     rows = offsets[:, 0:1] + np.arange(h)                          # (N, H)
     cols = offsets[:, 1:2] + np.arange(w)                          # (N, W)

@@ -1,0 +1,144 @@
+"""Checkpointing every N steps: what it adds to the step, synchronous vs asynchronous.
+
+    mpiexec -n 2 python -m bench.checkpoint_async --json-out bench/results/checkpoint_async.json
+    mpiexec -n 2 python -m bench.checkpoint_async --quick                   # ~1 min
+
+Three runs of the same training (model, strategy, synthetic batches as in
+bench/step.py): no checkpoints, then a checkpoint every `--every` steps
+written synchronously (`cnn.checkpoint.save_checkpoint` on rank 0 while the
+others wait at a barrier, as `engine.train` does) and asynchronously
+(`engine.async_checkpoint`: rank 0 copies the state and a background thread
+writes it while the next steps run). Per run, over the timed steps (the
+checkpoint's cost included in the step that triggers it):
+
+- step_ms: mean wall time per step (slowest rank);
+- overhead: step_ms / step_ms(none) - 1; the target is < 5 % for async;
+- checkpoint_mb: size of one checkpoint file.
+
+Runs alternate in `--rounds` rounds (none, sync, async, none, ...) and each
+mode reports its median round, so a drift in machine speed does not land on
+one mode. Files go to a temporary directory (`--dir` to choose, e.g. the
+disk checkpoints would really go to). Rank 0 reports; `--json-out` also
+writes a markdown table next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+from mpi4py import MPI
+
+from bench.step import batches
+from cnn import models, set_num_threads
+from cnn.checkpoint import save_checkpoint
+from cnn.optim import SGD
+from cnn.runtime import configure
+from engine.async_checkpoint import AsyncCheckpointWriter
+from engine.trainer import Trainer
+
+COMM = MPI.COMM_WORLD
+MODES = ("none", "sync", "async")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.checkpoint_async",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="vgg16-cifar")
+    p.add_argument("--strategy", default="multistep")
+    p.add_argument("--batch-size-per-rank", type=int, default=16)
+    p.add_argument("--iters", type=int, default=12, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--every", type=int, default=4, help="steps between checkpoints")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dir", default=None, help="where the checkpoints are written")
+    p.add_argument("--quick", action="store_true", help="resnet20, 6 steps, 1 round")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--json-out", metavar="FILE")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.iters, args.every, args.rounds = "resnet20", 6, 2, 1
+    if args.every < 1 or args.iters < 1 or args.rounds < 1:
+        p.error("--every, --iters and --rounds must be >= 1")
+    return args
+
+
+def run(args, mode: str, data, directory: str) -> tuple[float, int]:
+    """Mean step ms (slowest rank) and the checkpoint's size in bytes."""
+    model = models.build(args.model, seed=0)
+    optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    path = os.path.join(directory, f"{mode}.npz")
+    writer = AsyncCheckpointWriter() if mode == "async" and COMM.rank == 0 else None
+    times = []
+    with Trainer(model, optimizer, args.strategy, COMM) as trainer:
+        COMM.Barrier()
+        for k, (x, y) in enumerate(data):
+            start = time.monotonic()
+            trainer.step(x, y)
+            if mode != "none" and (k + 1) % args.every == 0:
+                state = trainer.optimizer_state_dict()      # collective for multistep
+                if COMM.rank == 0:
+                    save = writer.submit if writer is not None else save_checkpoint
+                    save(path, {p.name: p.data for p in model.parameters()},
+                         buffers=dict(model.buffers()), optimizer=state, iteration=k + 1)
+                if mode == "sync":
+                    COMM.Barrier()
+            if k >= args.warmup:
+                times.append(time.monotonic() - start)
+        trainer.synchronize()
+    if writer is not None:
+        writer.close()
+    step_ms = COMM.allreduce(1e3 * statistics.fmean(times), op=MPI.MAX)
+    size = os.path.getsize(path) if mode != "none" and COMM.rank == 0 else 0
+    return step_ms, COMM.bcast(size, root=0)
+
+
+def main(argv=None):
+    configure(progress_thread=True)
+    args = parse_args(argv)
+    set_num_threads(args.threads)
+    model = models.build(args.model, seed=0)
+    data = batches(model, args.batch_size_per_rank, args.warmup + args.iters, COMM.rank)
+    directory = COMM.bcast(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
+                           if COMM.rank == 0 else None, root=0)
+    results = {mode: [] for mode in MODES}
+    size = 0
+    try:
+        for _ in range(args.rounds):
+            for mode in MODES:
+                step_ms, mode_size = run(args, mode, data, directory)
+                results[mode].append(step_ms)
+                size = max(size, mode_size)
+    finally:
+        COMM.Barrier()
+        if COMM.rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    base = statistics.median(results["none"])
+    rows = [{"model": args.model, "strategy": args.strategy, "ranks": COMM.size,
+             "batch_per_rank": args.batch_size_per_rank, "every": args.every, "mode": mode,
+             "step_ms": round(statistics.median(results[mode]), 3),
+             "overhead": round(statistics.median(results[mode]) / base - 1, 4),
+             "checkpoint_mb": round(size / 2**20, 2), "rounds": results[mode]}
+            for mode in MODES]
+    if COMM.rank == 0:
+        lines = ["| mode | step ms | overhead | checkpoint MB |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['step_ms']:.1f} | {100 * r['overhead']:+.1f} % | "
+                  f"{r['checkpoint_mb']:.1f} |" for r in rows]
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(rows, f, indent=1)
+            with open(os.path.splitext(args.json_out)[0] + ".md", "w") as f:
+                f.write("\n".join(lines) + "\n")
+        print(json.dumps(rows) if args.json else "\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""Ensemble training: K models at once, fed by one shared data pipeline.
+
+    mpiexec -n 4 python -m engine.ensemble --members 2 --seeds 0,1 --epochs 5
+    mpiexec -n 4 python -m engine.ensemble --members-file members.json --model resnet20 \\
+        --dataset synthetic-cifar --crop-pad 4 --pipeline shared --checkpoint-dir ckpt
+
+The P ranks are split into K member groups of G = P/K ranks (``comm.Split``);
+member k is an ordinary data-parallel `Trainer` over its group with seed and
+learning rate of its own. With K > P (K a multiple of P) each rank trains
+K/P members, one after the other in each step. All members see the same data
+in the same order (``--data-seed``); only initialisation and learning rate
+differ.
+
+``--pipeline shared`` (default): rank 0 reads, decodes and augments each
+global batch once and scatters every rank its shard, posted a step ahead so
+the delivery overlaps compute (engine/pipeline.py). ``--pipeline separate``:
+every member runs its own pipeline for its shards, as K independent jobs
+would. Both give bitwise the same batches and the same weights.
+
+After every epoch each member's held-out accuracy and the ensemble's (class
+probabilities averaged over members) are printed; each member writes its own
+checkpoint (CHECKPOINT_DIR/member<k>/checkpoint.npz, the format of
+engine.train), and ``--resume`` continues all of them.
+
+A members file is a JSON list with one object per member::
+
+    [{"seed": 0, "lr": 0.05}, {"seed": 1, "lr": 0.1}]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+import cnn
+from cnn import models
+from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.data import (
+    DatasetError,
+    SyntheticDataset,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+    normalize_cifar10,
+)
+from cnn.optim import SGD
+from cnn.runtime import configure
+from engine.pipeline import CompressedImages, Pipeline, SeparateDelivery, SharedDelivery
+from engine.strategies import STRATEGIES
+from engine.train import (
+    CHECKPOINT_NAME,
+    SCHEDULES,
+    ConfigError,
+    default_threads,
+    make_schedule,
+    strategy_options,
+)
+from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
+
+DATASETS = ("digits", "synthetic", "synthetic-cifar", "mnist", "cifar10")
+PIPELINES = ("shared", "separate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.ensemble",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--members", type=int, default=None,
+                   help="K, members of the ensemble (default: as many as --seeds or the file)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated initialisation seed per member (default 0..K-1)")
+    p.add_argument("--lrs", default=None,
+                   help="comma-separated learning rate per member, or one for all (--lr)")
+    p.add_argument("--members-file", default=None,
+                   help='JSON list [{"seed": S, "lr": LR}, ...], one object per member')
+    p.add_argument("--pipeline", default="shared", help=f"one of {', '.join(PIPELINES)}")
+    p.add_argument("--model", default="digits", help=f"one of {', '.join(models.MODELS)}")
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
+    p.add_argument("--synthetic-size", type=int, default=4096,
+                   help="training samples of the synthetic datasets")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="data order and augmentation, shared by all members")
+    p.add_argument("--crop-pad", type=int, default=0,
+                   help="augmentation: random crop after padding by this many pixels, and "
+                        "a horizontal flip (CIFAR recipes: 4); 0: none")
+    p.add_argument("--strategy", default="multistep", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch of every member")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="epochs to train (default 20)")
+    length.add_argument("--iters", type=int, default=None, help="iterations to train")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="iterations between checkpoints (0: at the end of every epoch)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue every member from CHECKPOINT_DIR/member<k>/checkpoint.npz")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads per rank (default: cores per node / ranks per node)")
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--bucket-bytes", type=int, default=1 << 20, help="bucketed strategy only")
+    p.add_argument("--fc-mode", default="auto",
+                   choices=("activations", "reduce_scatter", "auto"))
+    p.add_argument("--lazy-layers", type=int, default=1)
+    p.add_argument("--lazy-interval", type=int, default=1)
+    p.add_argument("--lazy-fixed-interval", action="store_true")
+    p.add_argument("--bn-stats", default="average", choices=("average", "local"))
+    p.add_argument("--no-eval", action="store_true", help="skip held-out evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def member_specs(args) -> list[dict]:
+    """[{"seed", "lr"}] per member from --members-file or --members/--seeds/--lrs."""
+    if args.members_file:
+        if args.seeds or args.lrs:
+            raise ConfigError("--members-file excludes --seeds and --lrs")
+        try:
+            with open(args.members_file) as f:
+                specs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--members-file {args.members_file}: {e}") from e
+        if not isinstance(specs, list) or not specs or not all(
+                isinstance(s, dict) and set(s) <= {"seed", "lr"} for s in specs):
+            raise ConfigError(f"--members-file {args.members_file}: expected a non-empty JSON "
+                              'list of objects with keys "seed" and/or "lr"')
+        specs = [{"seed": s.get("seed", k), "lr": s.get("lr", args.lr)}
+                 for k, s in enumerate(specs)]
+    else:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+            lrs = [float(s) for s in args.lrs.split(",")] if args.lrs else None
+        except ValueError as e:
+            raise ConfigError(f"--seeds / --lrs: {e}") from e
+        k = args.members or (len(seeds) if seeds else len(lrs) if lrs and len(lrs) > 1 else 2)
+        seeds = seeds or list(range(k))
+        lrs = lrs or [args.lr]
+        if len(lrs) == 1:
+            lrs = lrs * k
+        if len(seeds) != k or len(lrs) != k:
+            raise ConfigError(f"{k} members but {len(seeds)} seeds and {len(lrs)} learning "
+                              "rates; give one per member (or one learning rate for all)")
+        specs = [{"seed": s, "lr": lr} for s, lr in zip(seeds, lrs, strict=True)]
+    if args.members is not None and args.members != len(specs):
+        raise ConfigError(f"--members {args.members} but {len(specs)} members specified")
+    for s in specs:
+        if not isinstance(s["seed"], int) or not isinstance(s["lr"], (int, float)) or s["lr"] < 0:
+            raise ConfigError(f"member {s}: seed must be an int and lr a number >= 0")
+    return specs
+
+
+def layout(size: int, rank: int, k: int) -> tuple[int, int, int, list[int]]:
+    """How members share the ranks: (color, local_rank, group_size, local_members).
+
+    K <= P: member m runs on ranks m*G .. m*G + G - 1 with G = P/K. K > P:
+    every member on one rank (G = 1), member m on rank m mod P.
+    """
+    if k <= size:
+        if size % k:
+            raise ConfigError(f"{k} members do not divide the {size} ranks; use a number of "
+                              f"ranks that is a multiple of the members (or vice versa)")
+        g = size // k
+        return rank // g, rank % g, g, [rank // g]
+    if k % size:
+        raise ConfigError(f"{k} members are not a multiple of the {size} ranks")
+    return rank, 0, 1, list(range(rank, k, size))
+
+
+def check_config(args, size: int, specs) -> None:
+    """Raise ConfigError for anything that would fail later (same on every rank)."""
+    for name, known in (("model", models.MODELS), ("strategy", STRATEGIES),
+                        ("dataset", DATASETS), ("schedule", SCHEDULES), ("pipeline", PIPELINES)):
+        if getattr(args, name) not in known:
+            raise ConfigError(f"unknown {name} {getattr(args, name)!r}; known: "
+                              f"{', '.join(known)}")
+    _, _, g, _ = layout(size, 0, len(specs))
+    if args.batch_size < 1 or args.batch_size % g:
+        raise ConfigError(f"global batch {args.batch_size} is not divisible by the {g} ranks "
+                          f"of a member; use a multiple of {g}")
+    if args.dataset in ("mnist", "cifar10") and not args.data_dir:
+        raise ConfigError(f"--dataset {args.dataset} needs --data-dir")
+    for name in ("epochs", "iters", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if args.crop_pad < 0 or args.checkpoint_every < 0 or args.warmup_iters < 0:
+        raise ConfigError("--crop-pad, --checkpoint-every and --warmup-iters must be >= 0")
+    if args.momentum < 0 or args.weight_decay < 0:
+        raise ConfigError("--momentum and --weight-decay must be >= 0")
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir")
+    for k in range(len(specs) if args.resume else 0):
+        if not member_checkpoint(args, k).is_file():
+            raise ConfigError(f"--resume: no checkpoint at {member_checkpoint(args, k)}")
+
+
+def member_checkpoint(args, k: int) -> Path:
+    return Path(args.checkpoint_dir) / f"member{k}" / CHECKPOINT_NAME
+
+
+def load_pipeline_data(args, input_shape, num_classes):
+    """(read, n_train, test_x float32, test_y, normalize): raw training reads, prepared test set."""
+    if args.dataset == "synthetic":
+        train = SyntheticDataset(args.synthetic_size, input_shape, num_classes, seed=args.data_seed)
+        test = SyntheticDataset(max(args.synthetic_size // 8, 1), input_shape, num_classes,
+                                seed=args.data_seed + 1)
+        xte, yte = test[np.arange(len(test))]
+        return train.__getitem__, len(train), xte, yte, None
+    if args.dataset == "synthetic-cifar":
+        if tuple(input_shape) != (3, 32, 32):
+            raise ConfigError(f"synthetic-cifar has inputs (3, 32, 32); model {args.model!r} "
+                              f"takes {tuple(input_shape)}")
+        train = CompressedImages(args.synthetic_size, num_classes=num_classes,
+                                 seed=args.data_seed)
+        test = CompressedImages(max(args.synthetic_size // 8, 1), num_classes=num_classes,
+                                seed=args.data_seed + 1)
+        xte, yte = test.read(np.arange(len(test)))
+        return train.read, len(train), normalize_cifar10(xte), yte, normalize_cifar10
+    if args.dataset == "digits":
+        (xtr, ytr), (xte, yte) = load_digits("train"), load_digits("test")
+        normalize = None
+    elif args.dataset == "mnist":
+        (xtr, ytr), (xte, yte) = load_mnist(args.data_dir, "train"), load_mnist(args.data_dir,
+                                                                              "test")
+        normalize = None
+    else:
+        (xtr, ytr), (xte, yte) = (load_cifar10(args.data_dir, "train"),
+                                  load_cifar10(args.data_dir, "test"))
+        normalize = normalize_cifar10
+    if tuple(xtr.shape[1:]) != tuple(input_shape):
+        raise ConfigError(f"model {args.model!r} takes inputs {tuple(input_shape)} but dataset "
+                          f"{args.dataset!r} has {tuple(xtr.shape[1:])}")
+    xte = normalize(xte) if normalize is not None else xte
+    return (lambda idx: (xtr[idx], ytr[idx])), len(xtr), np.asarray(xte, np.float32), yte, \
+        normalize
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities, float64, of logits of shape (N, classes)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def evaluate(members, xte, yte, comm, local_rank: int, group_size: int, k: int,
+             num_classes: int, batch: int = 256) -> tuple[list[float], float]:
+    """Held-out accuracy of every member and of the ensemble (mean of their probabilities).
+
+    Every rank scores its shard (by rank inside its member) with each member it
+    trains; one allreduce over all ranks sums the probabilities and correct counts.
+    """
+    n = len(yte)
+    lo, hi = (n * local_rank) // group_size, (n * (local_rank + 1)) // group_size
+    probabilities = np.zeros((n, num_classes), np.float64)
+    correct = np.zeros(k, np.float64)
+    for m in members:
+        for start in range(lo, hi, batch):
+            end = min(start + batch, hi)
+            p = softmax(m["model"].forward(xte[start:end], train=False))
+            probabilities[start:end] += p
+            correct[m["index"]] += (p.argmax(axis=1) == yte[start:end]).sum()
+    comm.Allreduce(MPI.IN_PLACE, probabilities, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, correct, op=MPI.SUM)
+    return list(correct / n), float((probabilities.argmax(axis=1) == yte).mean())
+
+
+def run(args, comm) -> dict:
+    """Train the ensemble as configured; returns the final metrics (same on every rank)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    specs = member_specs(args)
+    check_config(args, size, specs)
+    k = len(specs)
+    color, local_rank, group_size, local = layout(size, rank, k)
+    spec = models.MODELS[args.model]
+    read, n_train, xte, yte, normalize = load_pipeline_data(args, spec.input_shape,
+                                                            spec.num_classes)
+    if n_train < args.batch_size:
+        raise ConfigError(f"dataset {args.dataset!r} has {n_train} training samples, fewer than "
+                          f"the global batch {args.batch_size}")
+    cnn.set_num_threads(args.threads or default_threads(comm))
+    pipeline = Pipeline(read, n_train, args.batch_size, args.data_seed, args.crop_pad, normalize)
+    steps = pipeline.steps_per_epoch
+    total = args.iters if args.iters is not None else (args.epochs or 20) * steps
+
+    built, error, start = [], None, 0
+    for m in local:
+        member_args = copy.copy(args)
+        member_args.lr = specs[m]["lr"]
+        model = models.build(args.model, seed=specs[m]["seed"])
+        schedule = make_schedule(member_args, total)
+        optimizer = SGD(model.parameters(), lr=schedule(0), momentum=args.momentum,
+                        weight_decay=args.weight_decay)
+        if args.resume and error is None:
+            try:
+                start = resume_member(args, m, specs[m], model, optimizer)
+            except (ConfigError, CheckpointError) as e:
+                error = str(e)
+        built.append((m, model, optimizer, schedule))
+    # A member's checkpoint is read on its ranks only: agree on errors and on
+    # where to start before anyone enters a collective of its own.
+    outcomes = comm.allgather((error, start))
+    errors = [e for e, _ in outcomes if e is not None]
+    if errors:
+        raise ConfigError(errors[0])
+    if args.resume and len({s for _, s in outcomes}) > 1:
+        raise ConfigError(f"--resume: the members' checkpoints are at different iterations "
+                          f"{sorted({s for _, s in outcomes})}; resume needs them all at one")
+
+    group = comm.Split(color, rank)
+    members = []
+    try:
+        for m, model, optimizer, schedule in built:
+            try:     # a bad strategy option raises alike on every rank, before any work
+                trainer = Trainer(model, optimizer, args.strategy, group,
+                                  chunk_bytes=args.chunk_bytes, max_inflight=args.max_inflight,
+                                  bn_stats=args.bn_stats, **strategy_options(args))
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            trainer.iteration = start
+            members.append({"index": m, "model": model, "optimizer": optimizer,
+                            "schedule": schedule, "trainer": trainer, "loss": float("nan")})
+        return train(args, comm, specs, members, pipeline, start, total, steps, xte, yte,
+                     local_rank, group_size, spec.num_classes)
+    finally:
+        for m in members:
+            m["trainer"].close(synchronize=False)
+        group.Free()
+
+
+def resume_member(args, m: int, spec: dict, model, optimizer) -> int:
+    ckpt = load_checkpoint(member_checkpoint(args, m))
+    meta = ckpt.metadata
+    expected = {"model": args.model, "batch_size": args.batch_size, "seed": spec["seed"],
+                "lr": spec["lr"], "data_seed": args.data_seed, "member": m}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ConfigError(f"--resume: member {m}'s checkpoint was written with {key}="
+                              f"{meta.get(key)!r}, this run has {value!r}")
+    model.load_state_dict({**ckpt.params, **ckpt.buffers})
+    optimizer.load_state_dict(ckpt.optimizer)
+    return ckpt.iteration
+
+
+def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, local_rank,
+          group_size, num_classes) -> dict:
+    rank, k = comm.Get_rank(), len(specs)
+    if args.pipeline == "shared":
+        delivery = SharedDelivery(pipeline, comm, local_rank, group_size,
+                                  models.MODELS[args.model].input_shape)
+        # Between layers MPI gets a chance to move the scatters in flight.
+        hooks = [m["model"].register_pre_forward_hook(lambda i, layer: delivery.progress())
+                 for m in members]
+    else:
+        delivery, hooks = SeparateDelivery(pipeline, local_rank, group_size), []
+    positions = [divmod(it, steps) for it in range(start, total)]
+    if args.checkpoint_dir and local_rank == 0:
+        for m in members:
+            member_checkpoint(args, m["index"]).parent.mkdir(parents=True, exist_ok=True)
+    comm.Barrier()
+    bar = None
+    if rank == 0 and not args.no_progress and start < total:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
+
+    def checkpoint(iteration: int) -> None:
+        for m in members:
+            state = m["trainer"].optimizer_state_dict()     # collective over the member
+            if local_rank == 0:
+                spec = specs[m["index"]]
+                save_checkpoint(member_checkpoint(args, m["index"]),
+                                {p.name: p.data for p in m["model"].parameters()},
+                                buffers=dict(m["model"].buffers()), optimizer=state,
+                                epoch=iteration // steps, iteration=iteration,
+                                metadata={"model": args.model, "dataset": args.dataset,
+                                          "strategy": args.strategy, "member": m["index"],
+                                          "members": k, "seed": spec["seed"], "lr": spec["lr"],
+                                          "data_seed": args.data_seed,
+                                          "batch_size": args.batch_size})
+        comm.Barrier()     # nobody reads a checkpoint before it is complete
+
+    metrics = {"iteration": start, "members": specs}
+    cpu0, wall0 = os.times(), time.monotonic()
+    try:
+        delivery.start(positions)
+        for it, (epoch, step) in enumerate(positions, start):
+            batch = delivery.next()
+            for m in members:
+                m["optimizer"].lr = m["schedule"](it)
+                m["loss"] = m["trainer"].step(*batch())
+            if not args.no_progress:
+                # Every rank takes part (the same collectives everywhere); rank 0 shows them.
+                losses = comm.gather([(m["index"], m["loss"]) for m in members
+                                      if local_rank == 0], root=0)
+                if bar is not None:
+                    flat = dict(x for part in losses for x in part)
+                    bar.update(1)
+                    bar.set_postfix_str(f"epoch {epoch} loss " + " ".join(
+                        f"m{j}={flat[j]:.4f}" for j in range(k)), refresh=False)
+            end_of_epoch = step == steps - 1
+            if (end_of_epoch or it + 1 == total) and not args.no_eval:
+                for m in members:
+                    m["trainer"].synchronize()
+                accuracies, ensemble = evaluate(members, xte, yte, comm, local_rank,
+                                                group_size, k, num_classes)
+                metrics = {"iteration": it + 1, "epoch": epoch,
+                           "members": [{**s, "test_accuracy": a}
+                                       for s, a in zip(specs, accuracies, strict=True)],
+                           "ensemble_accuracy": ensemble,
+                           "best_member_accuracy": max(accuracies)}
+                if rank == 0:
+                    table = " ".join(f"m{j} {100 * a:.2f}" for j, a in enumerate(accuracies))
+                    line = (f"epoch {epoch} iteration {it + 1}: held-out accuracy % {table} | "
+                            f"ensemble {100 * ensemble:.2f}")
+                    (bar.write if bar is not None else print)(line, file=sys.stderr)
+            if args.checkpoint_dir and (
+                    (args.checkpoint_every and (it + 1) % args.checkpoint_every == 0)
+                    or (not args.checkpoint_every and end_of_epoch) or it + 1 == total):
+                checkpoint(it + 1)
+        for m in members:
+            m["trainer"].synchronize()
+        wall = time.monotonic() - wall0
+        cpu1 = os.times()
+        cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        done = len(positions)
+        metrics.update({
+            "iteration": total, "pipeline": args.pipeline, "ranks": comm.size,
+            "cpu_s": comm.allreduce(cpu, op=MPI.SUM),
+            "pipeline_cpu_s": comm.allreduce(pipeline.cpu_s, op=MPI.SUM),
+            "wall_s": comm.allreduce(wall, op=MPI.MAX),
+            "img_s_per_member": (args.batch_size * done / comm.allreduce(wall, op=MPI.MAX)
+                                 if done else 0.0)})
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in hooks:
+            h.remove()
+        delivery.close()
+    return metrics
+
+
+def main(argv=None) -> int:
+    configure(progress_thread=True)
+    comm = MPI.COMM_WORLD
+    args = parse_args(argv)
+    try:
+        metrics = run(args, comm)
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        # Raised alike on every rank (each reads the same files), before any work.
+        if comm.Get_rank() == 0:
+            print(f"engine.ensemble: error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteError, ReplicaDivergenceError) as e:   # raised alike on a member's ranks
+        print(f"engine.ensemble: rank {comm.Get_rank()} stopped: {e}", file=sys.stderr,
+              flush=True)
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
+    except Exception:
+        # Raised on this rank only: the others would wait forever in a collective.
+        if comm.Get_size() > 1:
+            traceback.print_exc()
+            print(f"engine.ensemble: rank {comm.Get_rank()} failed; aborting the job",
+                  file=sys.stderr, flush=True)
+            comm.Abort(1)
+        raise
+    if comm.Get_rank() == 0:
+        print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

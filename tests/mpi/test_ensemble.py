@@ -1,0 +1,152 @@
+"""Ensemble training (engine.ensemble) and its data delivery (engine/pipeline.py).
+
+The member counts K are those that fit the job: K divides P (G = P/K ranks per
+member) or P divides K (K/P members per rank), so each P runs its own set.
+"""
+
+import tempfile
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from cnn.checkpoint import load_checkpoint
+from cnn.data import load_digits
+from engine import ensemble, train
+from engine.pipeline import Pipeline, SeparateDelivery, SharedDelivery
+
+WORLD = MPI.COMM_WORLD
+BATCH = 24          # divisible by every group size 1..4
+MEMBER_COUNTS = [k for k in (1, 2, 3, 4) if WORLD.size % k == 0 or k % WORLD.size == 0]
+COMMON = ["--no-progress", "--batch-size", str(BATCH), "--threads", "1",
+          "--schedule", "constant", "--data-seed", "7"]
+
+
+def shared_tmpdir():
+    path = tempfile.mkdtemp(prefix="ensemble-test-") if WORLD.rank == 0 else None
+    return WORLD.bcast(path, root=0)
+
+
+def digits_pipeline(crop_pad):
+    x, y = load_digits("train")
+    return Pipeline(lambda idx: (x[idx], y[idx]), len(x), BATCH, seed=3, crop_pad=crop_pad)
+
+
+def assert_same_checkpoint(a, b, what):
+    assert a.iteration == b.iteration, what
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=f"{what}: {name}")
+        np.testing.assert_array_equal(a.optimizer["momentum_buffers"][name],
+                                      b.optimizer["momentum_buffers"][name],
+                                      err_msg=f"{what}: momentum {name}")
+    for name in a.buffers:
+        np.testing.assert_array_equal(a.buffers[name], b.buffers[name], err_msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("k", MEMBER_COUNTS)
+@pytest.mark.parametrize("crop_pad", [0, 1])
+def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, crop_pad):
+    color, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
+    pipeline = digits_pipeline(crop_pad)
+    positions = [(0, 0), (0, 1), (1, 0), (3, 5)]
+    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8))
+    separate = SeparateDelivery(digits_pipeline(crop_pad), local_rank, group_size)
+    shared.start(positions)
+    separate.start(positions)
+    group = WORLD.Split(color, WORLD.rank)
+    try:
+        for epoch, step in positions:
+            x, y = shared.next()()
+            assert x.dtype == np.float32 and x.shape == (BATCH // group_size, 1, 8, 8)
+            # The shards of a member's ranks put together are exactly the pipeline's batch ...
+            full_x, full_y = pipeline.batch(epoch, step)
+            np.testing.assert_array_equal(np.concatenate(group.allgather(x)), full_x)
+            np.testing.assert_array_equal(np.concatenate(group.allgather(y)), full_y)
+            # ... and what a rank's own pipeline would have made of its slice.
+            own_x, own_y = separate.next()()
+            np.testing.assert_array_equal(x, own_x)
+            np.testing.assert_array_equal(y, own_y)
+        if crop_pad:    # the augmentation did something
+            plain = Pipeline(pipeline.read, pipeline.sampler.dataset_size, BATCH, seed=3)
+            assert not np.array_equal(plain.batch(0, 0)[0], pipeline.batch(0, 0)[0])
+    finally:
+        shared.close()
+        group.Free()
+
+
+@pytest.mark.parametrize("k", MEMBER_COUNTS)
+def test_every_member_equals_its_standalone_run(k):
+    """Member m of a shared-pipeline ensemble ends with bitwise the weights,
+    momentum and BN statistics of `engine.train` run alone on G ranks with
+    member m's seed and learning rate on the same data."""
+    root = shared_tmpdir()
+    seeds = [11 * m + 1 for m in range(k)]
+    lrs = [0.05 + 0.02 * m for m in range(k)]
+    metrics = ensemble.run(ensemble.parse_args(
+        [*COMMON, "--iters", "5", "--seeds", ",".join(map(str, seeds)),
+         "--lrs", ",".join(map(str, lrs)), "--checkpoint-dir", f"{root}/ensemble"]), WORLD)
+    assert len(metrics["members"]) == k and 0 <= metrics["ensemble_accuracy"] <= 1
+    color, local_rank, _, local = ensemble.layout(WORLD.size, WORLD.rank, k)
+    group = WORLD.Split(color, WORLD.rank)
+    for m in local:
+        train.run(train.parse_args(
+            [*COMMON, "--iters", "5", "--seed", str(seeds[m]), "--lr", str(lrs[m]),
+             "--checkpoint-dir", f"{root}/alone{m}"]), group)
+        if local_rank == 0:
+            assert_same_checkpoint(load_checkpoint(f"{root}/ensemble/member{m}/checkpoint.npz"),
+                                   load_checkpoint(f"{root}/alone{m}/checkpoint.npz"),
+                                   f"member {m} of {k}")
+    group.Free()
+    WORLD.Barrier()
+
+
+def test_shared_and_separate_pipelines_train_the_same_ensemble():
+    root = shared_tmpdir()
+    k = max(MEMBER_COUNTS)
+    runs = {}
+    for pipeline in ("shared", "separate"):
+        runs[pipeline] = ensemble.run(ensemble.parse_args(
+            [*COMMON, "--iters", "4", "--members", str(k), "--crop-pad", "1",
+             "--pipeline", pipeline, "--checkpoint-dir", f"{root}/{pipeline}_pipeline"]), WORLD)
+    assert runs["shared"]["members"] == runs["separate"]["members"]
+    assert runs["shared"]["ensemble_accuracy"] == runs["separate"]["ensemble_accuracy"]
+    _, local_rank, _, local = ensemble.layout(WORLD.size, WORLD.rank, k)
+    for m in local if local_rank == 0 else ():
+        assert_same_checkpoint(load_checkpoint(f"{root}/shared_pipeline/member{m}/checkpoint.npz"),
+                               load_checkpoint(f"{root}/separate_pipeline/member{m}/checkpoint.npz"),
+                               f"member {m}")
+    # One pipeline instead of k: rank 0 alone did the augmentation work.
+    assert runs["shared"]["pipeline_cpu_s"] < runs["separate"]["pipeline_cpu_s"] or k == 1
+    WORLD.Barrier()
+
+
+def test_resume_continues_every_member_exactly():
+    root = shared_tmpdir()
+    k = max(MEMBER_COUNTS)
+
+    def run(iters, name, *extra):
+        return ensemble.main([*COMMON, "--members", str(k), "--iters", str(iters),
+                              "--checkpoint-dir", f"{root}/{name}", *extra])
+
+    assert run(6, "a") == 0
+    assert run(3, "b") == 0
+    assert run(6, "b", "--resume") == 0
+    assert run(6, "b", "--resume", "--seeds", ",".join(["9"] * k)) == 2   # not these members
+    _, local_rank, _, local = ensemble.layout(WORLD.size, WORLD.rank, k)
+    for m in local if local_rank == 0 else ():
+        assert_same_checkpoint(load_checkpoint(f"{root}/a/member{m}/checkpoint.npz"),
+                               load_checkpoint(f"{root}/b/member{m}/checkpoint.npz"),
+                               f"member {m}")
+    WORLD.Barrier()
+
+
+def test_bad_configuration_fails_on_every_rank(capsys):
+    assert ensemble.main([*COMMON, "--members", str(WORLD.size + 1), "--iters", "1"]) == (
+        2 if WORLD.size > 1 else 0)
+    assert ensemble.main([*COMMON, "--seeds", "1,2", "--lrs", "0.1,0.2,0.3"]) == 2
+    assert ensemble.main([*COMMON, "--pipeline", "nope"]) == 2
+    err = capsys.readouterr().err
+    if WORLD.rank == 0:
+        assert "2 seeds and 3 learning rates" in err and "unknown pipeline 'nope'" in err
+        if WORLD.size > 1:
+            assert f"{WORLD.size + 1} members" in err
