@@ -405,9 +405,9 @@ def algorithm_time(nbytes: float, P: int, net: Network, algorithm: str) -> float
 
 @dataclass(frozen=True)
 class AutoThresholds:
-    """How ``algorithm="auto"`` picks, by the bytes of a request's chunk.
+    """How ``algorithm="auto"`` picks, by the bytes of a request (all its chunks alike).
 
-    chunk < recursive_doubling_below: "recursive_doubling"; chunk >= ring_from:
+    nbytes < recursive_doubling_below: "recursive_doubling"; nbytes >= ring_from:
     "ring"; otherwise "mpi". Every rank must hold the same thresholds (the
     chosen algorithm is part of the cross-rank signature check, so a mismatch
     fails the request on every rank rather than hanging).
@@ -416,10 +416,10 @@ class AutoThresholds:
     recursive_doubling_below: float = 0.0
     ring_from: float = math.inf
 
-    def choose(self, chunk_bytes: float) -> str:
-        if chunk_bytes < self.recursive_doubling_below:
+    def choose(self, nbytes: float) -> str:
+        if nbytes < self.recursive_doubling_below:
             return "recursive_doubling"
-        if chunk_bytes >= self.ring_from:
+        if nbytes >= self.ring_from:
             return "ring"
         return "mpi"
 
@@ -449,8 +449,9 @@ class AutoThresholds:
 def auto_thresholds(net: Network, P: int) -> AutoThresholds:
     """The thresholds at which the model's cheapest algorithm changes, for P ranks.
 
-    The three costs (`algorithm_time`) are compared on a grid of chunk sizes
-    (8 B .. 1 GiB, 16 points per doubling); ties go to "mpi". Recursive
+    The three costs (`algorithm_time`) are compared on a grid of request sizes
+    (8 B .. 1 GiB, 16 points per doubling), each request taken as one message
+    (a first-order view of a chunked request); ties go to "mpi". Recursive
     doubling wins below some size (fewest messages, but it sends the whole
     chunk lg P times); the ring wins from some size on only where MPICH's
     algorithm pays for folding a non-power-of-two P (the ring needs none).
@@ -523,7 +524,7 @@ class Channel:
         """The algorithm the engine runs an allreduce of `nbytes` with (Exchanger.algorithm_for)."""
         if self.engine.algorithm != "auto":
             return self.engine.algorithm
-        return self.auto.choose(min(nbytes, self.engine.chunk_bytes))
+        return self.auto.choose(nbytes)
 
     def chunk_sizes(self, kind: str, nbytes: float) -> list:
         """Bytes of the whole vector moved by each chunk the engine posts (Engine.enqueue).

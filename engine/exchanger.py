@@ -358,13 +358,16 @@ class Exchanger:
 
     def algorithm_for(self, nbytes: int, algorithm: str | None = None) -> str:
         """The algorithm an allreduce of `nbytes` bytes runs with: `algorithm` (default
-        the exchanger's), "auto" resolved by the bytes of its chunk (all chunks but the
-        last are chunk_bytes). One rank has nothing to exchange: always "mpi"."""
+        the exchanger's), "auto" resolved by the bytes of the whole request (every
+        chunk of it runs the same algorithm). One rank has nothing to exchange:
+        always "mpi"."""
         algorithm = self.algorithm if algorithm is None else self._check_algorithm(algorithm)
         if self.size == 1:
             return "mpi"
         if algorithm == "auto":
-            return self.auto.choose(min(nbytes, self.chunk_bytes))
+            # by the request, not its chunk: a 16 MiB request is 4 chunks in flight
+            # at once, where the ring can win although a lone 4 MiB chunk would not
+            return self.auto.choose(nbytes)
         return algorithm
 
     @property

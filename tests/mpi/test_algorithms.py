@@ -96,9 +96,10 @@ def test_algorithms_that_differ_across_ranks_fail_on_every_rank():
         np.testing.assert_array_equal(b, P * (P - 1) / 2)
 
 
-def test_auto_follows_its_thresholds_by_chunk_bytes():
+def test_auto_follows_its_thresholds_by_request_bytes():
+    """auto decides by the whole request: 1 MiB in 4 KiB chunks still takes the ring."""
     auto = "recursive_doubling_below=1024,ring_from=65536"
-    with Exchanger(algorithm="auto", auto_thresholds=auto, chunk_bytes=1 << 20) as ex:
+    with Exchanger(algorithm="auto", auto_thresholds=auto, chunk_bytes=4096) as ex:
         assert ex.auto == AutoThresholds(1024, 65536)
         picked = {}
         for n in (16, 4096, 1 << 18):
