@@ -5,11 +5,22 @@ from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request
 
 include "_sys.pxi"
 
-cdef enum:
+# cpdef: also module attributes of ext._progress, so that Python (engine/,
+# analysis/, bench/) imports these numbers instead of retyping them.
+cpdef enum:
     MAX_SLOTS = 256             # most MPI requests outstanding (the max_inflight cap)
     NEGOTIATION_WINDOW = 16     # not-yet-agreed requests one negotiation round can admit
     NEGOTIATION_LEN = 34        # 2 + 2 * NEGOTIATION_WINDOW
     ERRMSG_LEN = 512
+
+cpdef enum:
+    # The engine's defaults, for Exchanger, Trainer, engine.train, the
+    # benchmarks and the cost model alike. 1 MiB chunks: what training and
+    # every recorded step benchmark use (small enough for a priority request
+    # to overtake a large one after a few ms on a 1 Gbit/s link).
+    DEFAULT_CHUNK_BYTES = 1048576
+    DEFAULT_MAX_INFLIGHT = 4    # credit: keeps the link busy, few enough for priorities
+    DEFAULT_POLL_US = 200       # longest sleep between polls (the backoff's ceiling)
 
 cdef enum:
     KIND_ALLREDUCE = 0

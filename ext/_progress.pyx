@@ -547,8 +547,15 @@ cdef void* progress_main(void* arg) noexcept nogil:
 # Python-facing classes
 # ----------------------------------------------------------------------------
 
-_KIND_NAMES = {KIND_ALLREDUCE: "allreduce", KIND_REDUCE_SCATTER: "reduce_scatter",
-               KIND_ALLGATHER: "allgather", KIND_ALLTOALL: "alltoall"}
+# The C enums by name, for engine/exchanger.py and engine/trace.py (never retyped there).
+KINDS = {"allreduce": KIND_ALLREDUCE, "reduce_scatter": KIND_REDUCE_SCATTER,
+         "allgather": KIND_ALLGATHER, "alltoall": KIND_ALLTOALL}
+KIND_NAMES = {code: name for name, code in KINDS.items()}
+STATES = {"queued": STATE_QUEUED, "agreed": STATE_AGREED, "done": STATE_DONE,
+          "failed": STATE_FAILED}
+#: allreduce algorithms: MPI_Iallreduce, or the progress thread's own (_algorithms.pxi)
+ALGORITHM_CODES = {"mpi": ALGORITHM_MPI, "recursive_doubling": ALGORITHM_RECURSIVE_DOUBLING,
+                   "ring": ALGORITHM_RING}
 
 
 cdef class Request:
@@ -822,7 +829,7 @@ cdef class Engine:
         pthread_mutex_lock(&self.e.lock)
         for i in range(self.e.trace_len):
             ev = self.e.trace[i]
-            events.append((ev.seq, ev.chunk, _KIND_NAMES[ev.kind], ev.nbytes, ev.t_post, ev.t_done))
+            events.append((ev.seq, ev.chunk, KIND_NAMES[ev.kind], ev.nbytes, ev.t_post, ev.t_done))
         self.e.trace_len = 0
         pthread_mutex_unlock(&self.e.lock)
         return events
