@@ -8,8 +8,9 @@ Enqueue -> progress -> complete, with explicit handles::
         h.wait()               # grad now holds the mean over all ranks
 
 The C side (ext/_progress.pyx) owns every MPI call of the engine. This module
-checks arguments before anything is posted, keeps every buffer alive until
-MPI is done with it, and turns C-level failures into Python exceptions.
+checks arguments before anything is posted and turns C-level failures into
+Python exceptions; the C-level Request owns its arrays, and the engine holds
+every unfinished Request, so buffers live until MPI is done with them.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ DEFAULT_NETFIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "bench", "results", "netfit_loopback.json")
 _INT_MAX = 2**31 - 1
 
-# Requests abandoned by close() while MPI still owned their buffers: kept
-# alive for the life of the process so MPI never writes into freed memory.
+# Engines (and their communicators, stall responders) abandoned by close()
+# while MPI still owned buffers: kept for the life of the process. Their
+# requests' arrays the extension keeps itself (_progress._LEAKED).
 _ABANDONED: list = []
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -129,17 +131,16 @@ def _address_range(a: np.ndarray) -> tuple[int, int]:
 class Handle:
     """One posted collective: `test()`, `wait(timeout)`, `done`.
 
-    The handle keeps the arrays it was posted with; the exchanger keeps them
-    too until the progress thread has finished with them, so dropping a handle
-    early is safe.
+    The handle keeps the arrays it was posted with; the engine keeps them too
+    until the progress thread has finished with them, so dropping a handle
+    (and the arrays) early is safe.
     """
 
-    __slots__ = ("_request", "_exchanger", "_checked")
+    __slots__ = ("_request", "_exchanger")
 
     def __init__(self, request, exchanger: Exchanger):
         self._request = request
         self._exchanger = exchanger
-        self._checked = False
 
     @property
     def done(self) -> bool:
@@ -182,9 +183,6 @@ class Handle:
     def _raise_if_failed(self) -> None:
         if self._request.failed():
             raise ExchangeError(f"{self._request.description}: {self._request.error_message()}")
-        if not self._checked:
-            self._checked = True
-            self._exchanger._forget(self._request)
 
     def _pending_message(self, timeout) -> str:
         state, done, inflight, posted, total = self._request.progress()
@@ -301,7 +299,6 @@ class Exchanger:
         self.poll_us = int(poll_us)
         self.close_timeout = float(close_timeout)
         self._partition_cache: dict[int, list[tuple[int, int]]] = {}
-        self._pending: dict[int, object] = {}       # seq -> C request (keeps buffers alive)
         self._lock = threading.Lock()
         self._closed = False
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
@@ -521,10 +518,9 @@ class Exchanger:
             if keep:
                 _ABANDONED.append(keep)
         if self._engine.leaked:
-            _ABANDONED.append((self._engine, list(self._pending.values()), self._comm))
+            _ABANDONED.append((self._engine, self._comm))
         else:
             self._comm.Free()
-        self._pending.clear()
         _LIVE.discard(self)
         if not clean:
             raise ExchangeError("close(): requests were still pending after the timeout and "
@@ -578,7 +574,6 @@ class Exchanger:
                        + (f", {algorithm}" if algorithm != "mpi" else "")
                        + ")")   # seq filled in by the engine
         with self._lock:
-            self._collect_finished()
             request = self._engine.enqueue(
                 _progress.KINDS[kind], _address_range(buf)[0],
                 0 if out is None else _address_range(out)[0], count, buf.itemsize, op,
@@ -586,7 +581,6 @@ class Exchanger:
                 _signature(_progress.KINDS[kind], count, buf.dtype, op, int(priority), algorithm,
                            row),
                 counts, arrays, description, fault, _progress.ALGORITHM_CODES[algorithm])
-            self._pending[request.seq] = request
         return Handle(request, self)
 
     def _reject_overlap(self, kind, buf, out, in_place_offset) -> None:
@@ -600,8 +594,7 @@ class Exchanger:
                 raise ValueError(f"{kind}: input and output arrays overlap")
             ranges.append(o)
         with self._lock:
-            self._collect_finished()
-            for request in self._pending.values():
+            for request in self._engine.pending():
                 for a in request.arrays:
                     s, e = _address_range(a)
                     for lo, hi in ranges:
@@ -610,17 +603,9 @@ class Exchanger:
                                 f"this array (or one sharing its memory) is still in flight in "
                                 f"{request.description}; wait() for it before posting it again")
 
-    def _collect_finished(self) -> None:
-        for seq in [s for s, r in self._pending.items() if r.finished()]:
-            del self._pending[seq]
-
-    def _forget(self, request) -> None:
-        with self._lock:
-            self._pending.pop(request.seq, None)
-
     def _pending_summary(self) -> str:
         with self._lock:
-            pending = [r.description for r in self._pending.values() if not r.finished()]
+            pending = [r.description for r in self._engine.pending()]
         if not pending:
             return "nothing else pending"
         return f"{len(pending)} pending on this rank: " + ", ".join(pending[:8])

@@ -1,7 +1,7 @@
 # Declarations of the progress engine: the C structures shared by the
 # progress thread (which never holds the GIL) and the Python-facing classes.
 
-from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request
+from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request, MPI_Status
 
 include "_sys.pxi"
 
@@ -95,6 +95,12 @@ ctypedef struct trace_event_t:
     double t_post
     double t_done
 
+cdef enum:
+    # Which pthread objects __cinit__ has initialised (only those are destroyed)
+    READY_LOCK = 1
+    READY_WAKE = 2
+    READY_CHANGED = 4
+
 ctypedef struct engine_t:
     MPI_Comm comm
     int size
@@ -107,6 +113,7 @@ ctypedef struct engine_t:
     int nice                    # nice value of the thread, 0 = unchanged
     pthread_t thread
     int thread_started
+    int sync_ready              # READY_* bits
     pthread_mutex_t lock
     pthread_cond_t wake         # to the thread: new work, close or abandon
     pthread_cond_t changed      # from the thread: a request finished, or it exited
@@ -141,6 +148,18 @@ ctypedef struct engine_t:
     int tag_ub                  # MPI_TAG_UB of the communicator
 
 
+ctypedef struct poll_t:
+    # What one poll of MPI found (poll_once, without the lock), for
+    # apply_completions (under the lock).
+    int outcount                # slots completed; -code when the whole MPI_Testsome failed
+    int test_rc                 # MPI_Testsome's return code
+    int round_done              # the negotiation round: 1 completed, -1 its test failed
+    int round_rc                # MPI_Test's return code for the round
+    int indices[MAX_SLOTS]
+    MPI_Status statuses[MAX_SLOTS]
+    MPI_Status round_status
+
+
 # The stall responder (a thread of its own; see StallResponder in the .pyx).
 cdef enum:
     STALL_QUERY_TAG = 7301
@@ -154,6 +173,7 @@ ctypedef struct responder_t:
     long poll_us
     pthread_t thread
     int started
+    int sync_ready              # READY_LOCK | READY_WAKE once initialised
     int stop                    # guarded by lock
     long long answered
     pthread_mutex_t lock
