@@ -8,7 +8,7 @@
 #   make check        a tiny smoke benchmark
 #   make bench        the benchmark suite; results go to bench/results/ and the README
 #   make bench-full   the same with the 10 Gbit/s link and more iterations
-#   make lint         ruff + cython-lint
+#   make lint         ruff + cython-lint + stubtest (ext/_progress.pyi against the build)
 #   make torch        optional: PyTorch CPU for peer benchmarks and parity tests
 #   make clean
 #
@@ -105,7 +105,8 @@ torch: $(STAMP)
 lint: build
 	$(BIN)/ruff check engine cnn bench tests analysis docs setup.py
 	PATH=$(BIN):$$PATH $(BIN)/cython-lint ext/*.pyx ext/*.pxd ext/*.pxi
+	$(PY) -m mypy.stubtest ext._progress --allowlist ext/stubtest_allowlist.txt
 
 clean:
-	rm -rf build ext/*.c ext/*.so ext/.built .pytest_cache
+	rm -rf build ext/*.c ext/*.so ext/.built .pytest_cache .mypy_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -110,6 +110,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.strategies.bucketed import bucket_indices
 from engine.strategies.multistep import FC_MODES, choose_fc_mode
+from ext import _progress
 
 __all__ = ["ALLREDUCE_ALGORITHMS", "AutoThresholds", "FC_MODES", "FC_VARIANTS",
            "FC_WEIGHT_GRAD_SHARE", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
@@ -134,7 +135,7 @@ FC_VARIANTS = tuple(f"multistep-{mode}" for mode in FC_MODES if mode != "auto")
 FC_WEIGHT_GRAD_SHARE = 0.5
 
 STATS_PRIORITY = -1          # engine/trainer.py: the loss/flag allreduce
-ROUND_BYTES = 34 * 8         # ext/_progress.pxd: NEGOTIATION_LEN long longs
+ROUND_BYTES = _progress.NEGOTIATION_LEN * 8     # the negotiation round: long longs
 
 
 # ---------------------------------------------------------------------------
@@ -207,10 +208,10 @@ class Network:
 
 @dataclass(frozen=True)
 class Engine:
-    """The exchanger's configuration (engine/exchanger.py, bench/step.py defaults)."""
+    """The exchanger's configuration; the defaults are the engine's own (ext/_progress.pxd)."""
 
-    chunk_bytes: int = 1 << 20
-    max_inflight: int = 4
+    chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES
+    max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT
     bucket_bytes: int = 1 << 20
     #: Exchanger(algorithm=...): one of ALLREDUCE_ALGORITHMS
     algorithm: str = "mpi"

@@ -20,8 +20,8 @@ import sys
 
 from analysis import costmodel as cm
 
-#: bench/step.py's defaults, which bench/model_check.py predicts too
-STEP_ENGINE = cm.Engine(chunk_bytes=1 << 20, max_inflight=4, bucket_bytes=1 << 20)
+#: bench/step.py's configuration (the engine's defaults), which bench/model_check.py predicts too
+STEP_ENGINE = cm.Engine()
 
 
 def predict(profile: cm.Profile, net: cm.Network, ranks: int, batch_per_rank: int | None = None,

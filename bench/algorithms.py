@@ -41,6 +41,7 @@ from mpi4py import MPI
 
 from bench.common import parse_size, size_label
 from engine import Exchanger
+from ext import _progress
 
 COMM = MPI.COMM_WORLD
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,10 @@ ALGORITHMS = ("mpi", "recursive_doubling", "ring", "auto")
 FIXED = ALGORITHMS[:3]
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 256 << 10, 4 << 20]
+#: This benchmark's chunk, not the engine's 1 MiB default: sizes up to 4 MiB
+#: run as one chunk, so each algorithm is timed on the whole message (as
+#: bench.overlap does; bench/results/algorithms*.json were recorded with it).
+CHUNK_BYTES = 4 << 20
 
 
 def parse_args(argv=None):
@@ -58,9 +63,9 @@ def parse_args(argv=None):
                    help="seconds of repetitions per size (all four algorithms together)")
     p.add_argument("--min-reps", type=int, default=7)
     p.add_argument("--max-reps", type=int, default=300)
-    p.add_argument("--chunk-bytes", type=parse_size, default=4 << 20)
-    p.add_argument("--max-inflight", type=int, default=4)
-    p.add_argument("--poll-us", type=int, default=200)
+    p.add_argument("--chunk-bytes", type=parse_size, default=CHUNK_BYTES)
+    p.add_argument("--max-inflight", type=int, default=_progress.DEFAULT_MAX_INFLIGHT)
+    p.add_argument("--poll-us", type=int, default=_progress.DEFAULT_POLL_US)
     p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"),
                    help="label of the link, recorded in the JSON; also picks the netfit file")
     p.add_argument("--netfit", default=None,

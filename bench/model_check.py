@@ -127,8 +127,7 @@ def worker(args) -> None:
     os.environ["EXCHANGER_NETFIT"] = os.path.join(args.netfit_dir, f"netfit_{args.link}.json")
     with open(os.path.join(args.netfit_dir, f"netfit_{args.link}.json")) as f:
         net = cm.Network.from_dict(json.load(f)["network"])
-    engine = cm.Engine(chunk_bytes=1 << 20, max_inflight=4, bucket_bytes=1 << 20,
-                       algorithm=args.algorithm)
+    engine = cm.Engine(algorithm=args.algorithm)     # bench/step.py runs the same defaults
     profile_compute = sum(l.fwd_s + l.bwd_s + l.update_s for l in layers)
     names = args.strategies.split(",")
     _run_step(step, args, names[0])      # untimed: first-run effects (threads, page faults)

@@ -153,7 +153,7 @@ def interference(comm, budget_s: float, blocks: int = 40, per_block: int = 4) ->
             for _ in range(n):
                 a @ a
 
-    with Exchanger(comm, chunk_bytes=1 << 20, max_inflight=4) as ex:
+    with Exchanger(comm) as ex:        # the engine's defaults, as in training
         def with_requests():
             handles = []
             for b in range(blocks):

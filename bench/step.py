@@ -42,15 +42,16 @@ from engine.exchanger import ALGORITHMS, Exchanger
 from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import Trainer
+from ext import _progress
 
 
 def parse_args(argv=None):
     p = step_arguments("python -m bench.step", __doc__.split("\n")[0])
     p.add_argument("--strategy", default="multistep", choices=list(STRATEGIES))
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--chunk-bytes", type=int, default=_progress.DEFAULT_CHUNK_BYTES)
+    p.add_argument("--max-inflight", type=int, default=_progress.DEFAULT_MAX_INFLIGHT)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20)
-    p.add_argument("--poll-us", type=int, default=200)
+    p.add_argument("--poll-us", type=int, default=_progress.DEFAULT_POLL_US)
     p.add_argument("--fc-mode", default="auto",
                    choices=("auto", "alltoall", "activations", "reduce_scatter"))
     p.add_argument("--algorithm", default="mpi", choices=ALGORITHMS,

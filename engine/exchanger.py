@@ -2,14 +2,15 @@
 
 Enqueue -> progress -> complete, with explicit handles::
 
-    with Exchanger(chunk_bytes=1 << 20) as ex:
+    with Exchanger() as ex:          # 1 MiB chunks, credit 4 (DEFAULT_*)
         h = ex.allreduce_async(grad, op="mean", priority=layer_index)
         ...                    # compute; the C thread posts and tests chunks
         h.wait()               # grad now holds the mean over all ranks
 
 The C side (ext/_progress.pyx) owns every MPI call of the engine. This module
-checks arguments before anything is posted, keeps every buffer alive until
-MPI is done with it, and turns C-level failures into Python exceptions.
+checks arguments before anything is posted and turns C-level failures into
+Python exceptions; the C-level Request owns its arrays, and the engine holds
+every unfinished Request, so buffers live until MPI is done with them.
 """
 
 from __future__ import annotations
@@ -29,19 +30,18 @@ from ext import _progress
 
 __all__ = ["ALGORITHMS", "Exchanger", "Handle", "ExchangeError", "StallError", "partition"]
 
-_STATE_QUEUED, _STATE_AGREED, _STATE_DONE, _STATE_FAILED = range(4)
-_KINDS = {"allreduce": 0, "reduce_scatter": 1, "allgather": 2, "alltoall": 3}
+# Request kinds, states, algorithm codes and limits are the extension's C
+# enums (ext/_progress.pxd), imported rather than retyped.
 _OPS = ("mean", "sum")
-#: allreduce algorithms: MPI_Iallreduce, or the progress thread's own (ext/_algorithms.pxi)
-_ALGORITHM_CODES = {"mpi": 0, "recursive_doubling": 1, "ring": 2}
-ALGORITHMS = ("auto",) + tuple(_ALGORITHM_CODES)
+ALGORITHMS = ("auto",) + tuple(_progress.ALGORITHM_CODES)
 #: where "auto" reads the link's fitted alpha-beta-gamma unless told otherwise
 DEFAULT_NETFIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "bench", "results", "netfit_loopback.json")
 _INT_MAX = 2**31 - 1
 
-# Requests abandoned by close() while MPI still owned their buffers: kept
-# alive for the life of the process so MPI never writes into freed memory.
+# Engines (and their communicators, stall responders) abandoned by close()
+# while MPI still owned buffers: kept for the life of the process. Their
+# requests' arrays the extension keeps itself (_progress._LEAKED).
 _ABANDONED: list = []
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -131,17 +131,16 @@ def _address_range(a: np.ndarray) -> tuple[int, int]:
 class Handle:
     """One posted collective: `test()`, `wait(timeout)`, `done`.
 
-    The handle keeps the arrays it was posted with; the exchanger keeps them
-    too until the progress thread has finished with them, so dropping a handle
-    early is safe.
+    The handle keeps the arrays it was posted with; the engine keeps them too
+    until the progress thread has finished with them, so dropping a handle
+    (and the arrays) early is safe.
     """
 
-    __slots__ = ("_request", "_exchanger", "_checked")
+    __slots__ = ("_request", "_exchanger")
 
     def __init__(self, request, exchanger: Exchanger):
         self._request = request
         self._exchanger = exchanger
-        self._checked = False
 
     @property
     def done(self) -> bool:
@@ -184,14 +183,11 @@ class Handle:
     def _raise_if_failed(self) -> None:
         if self._request.failed():
             raise ExchangeError(f"{self._request.description}: {self._request.error_message()}")
-        if not self._checked:
-            self._checked = True
-            self._exchanger._forget(self._request)
 
     def _pending_message(self, timeout) -> str:
         state, done, inflight, posted, total = self._request.progress()
         where = ("not yet enqueued by every rank (a peer has not posted the matching "
-                 "collective)" if state == _STATE_QUEUED else
+                 "collective)" if state == _progress.STATES["queued"] else
                  f"chunks {done}/{total} complete, {inflight} in flight, "
                  f"{total - posted} not yet posted")
         return (f"timed out after {timeout} s waiting for {self._request.description}: {where}; "
@@ -212,14 +208,17 @@ class Exchanger:
     chunk_bytes : int
         Allreduce buffers are split into chunks of at most this many bytes,
         one MPI_Iallreduce each, so that small urgent requests can overtake a
-        large one between chunks.
+        large one between chunks. Default `ext._progress.DEFAULT_CHUNK_BYTES`
+        (1 MiB), the engine's single source for it.
     max_inflight : int
         Most MPI requests outstanding at once (a credit, as in ByteScheduler):
         few enough that priorities still matter, enough to keep the link busy.
+        At most `ext._progress.MAX_SLOTS`; default `DEFAULT_MAX_INFLIGHT` (4).
     poll_us : int
         Longest sleep between two polls of MPI while requests are in flight:
         after each event the thread polls again after 1 us, then doubles the
-        sleep up to poll_us (its backoff, like Horovod's cycle time).
+        sleep up to poll_us (its backoff, like Horovod's cycle time). Default
+        `DEFAULT_POLL_US` (200).
     pin_cpu : int or None
         Pin the progress thread to this core (PCNN pins its thread); off by default.
     trace : bool
@@ -258,9 +257,10 @@ class Exchanger:
         seconds; None (the default) waits forever.
     """
 
-    def __init__(self, comm=None, *, chunk_bytes: int = 4 << 20, max_inflight: int = 4,
-                 poll_us: int = 200, pin_cpu: int | None = None, trace: bool = False,
-                 close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
+    def __init__(self, comm=None, *, chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES,
+                 max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT,
+                 poll_us: int = _progress.DEFAULT_POLL_US, pin_cpu: int | None = None,
+                 trace: bool = False, close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
                  algorithm: str = "mpi", network=None, auto_thresholds=None,
                  stall_warn_s: float | None = 60.0, stall_timeout_s: float | None = None):
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -273,8 +273,9 @@ class Exchanger:
             raise ValueError(f"chunk_bytes must be at least 8, got {chunk_bytes}")
         if int(chunk_bytes) // 4 > _INT_MAX:
             raise ValueError(f"chunk_bytes {chunk_bytes} exceeds MPI's int element count")
-        if not 1 <= int(max_inflight) <= 256:
-            raise ValueError(f"max_inflight must be in [1, 256], got {max_inflight}")
+        if not 1 <= int(max_inflight) <= _progress.MAX_SLOTS:
+            raise ValueError(f"max_inflight must be in [1, {_progress.MAX_SLOTS}], "
+                             f"got {max_inflight}")
         if int(poll_us) < 0:
             raise ValueError(f"poll_us must be >= 0, got {poll_us}")
         if stall_warn_s is not None and not float(stall_warn_s) > 0:
@@ -298,7 +299,6 @@ class Exchanger:
         self.poll_us = int(poll_us)
         self.close_timeout = float(close_timeout)
         self._partition_cache: dict[int, list[tuple[int, int]]] = {}
-        self._pending: dict[int, object] = {}       # seq -> C request (keeps buffers alive)
         self._lock = threading.Lock()
         self._closed = False
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
@@ -521,10 +521,9 @@ class Exchanger:
             if keep:
                 _ABANDONED.append(keep)
         if self._engine.leaked:
-            _ABANDONED.append((self._engine, list(self._pending.values()), self._comm))
+            _ABANDONED.append((self._engine, self._comm))
         else:
             self._comm.Free()
-        self._pending.clear()
         _LIVE.discard(self)
         if not clean:
             raise ExchangeError("close(): requests were still pending after the timeout and "
@@ -578,14 +577,13 @@ class Exchanger:
                        + (f", {algorithm}" if algorithm != "mpi" else "")
                        + ")")   # seq filled in by the engine
         with self._lock:
-            self._collect_finished()
             request = self._engine.enqueue(
-                _KINDS[kind], _address_range(buf)[0],
+                _progress.KINDS[kind], _address_range(buf)[0],
                 0 if out is None else _address_range(out)[0], count, buf.itemsize, op,
                 int(priority),
-                _signature(_KINDS[kind], count, buf.dtype, op, int(priority), algorithm, row),
-                counts, arrays, description, fault, _ALGORITHM_CODES[algorithm])
-            self._pending[request.seq] = request
+                _signature(_progress.KINDS[kind], count, buf.dtype, op, int(priority), algorithm,
+                           row),
+                counts, arrays, description, fault, _progress.ALGORITHM_CODES[algorithm])
         return Handle(request, self)
 
     def _reject_overlap(self, kind, buf, out, in_place_offset) -> None:
@@ -599,8 +597,7 @@ class Exchanger:
                 raise ValueError(f"{kind}: input and output arrays overlap")
             ranges.append(o)
         with self._lock:
-            self._collect_finished()
-            for request in self._pending.values():
+            for request in self._engine.pending():
                 for a in request.arrays:
                     s, e = _address_range(a)
                     for lo, hi in ranges:
@@ -609,17 +606,9 @@ class Exchanger:
                                 f"this array (or one sharing its memory) is still in flight in "
                                 f"{request.description}; wait() for it before posting it again")
 
-    def _collect_finished(self) -> None:
-        for seq in [s for s, r in self._pending.items() if r.finished()]:
-            del self._pending[seq]
-
-    def _forget(self, request) -> None:
-        with self._lock:
-            self._pending.pop(request.seq, None)
-
     def _pending_summary(self) -> str:
         with self._lock:
-            pending = [r.description for r in self._pending.values() if not r.finished()]
+            pending = [r.description for r in self._engine.pending()]
         if not pending:
             return "nothing else pending"
         return f"{len(pending)} pending on this rank: " + ", ".join(pending[:8])

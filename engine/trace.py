@@ -21,9 +21,10 @@ import time
 
 from mpi4py import MPI
 
+from ext import _progress
+
 __all__ = ["TraceRecorder", "chrome_events"]
 
-_KINDS = {0: "allreduce", 1: "reduce_scatter", 2: "allgather", 3: "alltoall"}
 _THREADS = ((0, "compute"), (1, "waits"), (2, "progress thread"))
 
 
@@ -43,7 +44,7 @@ def chrome_events(rank: int, events: dict, origin: float) -> list[dict]:
     for label, t0, t1 in events["waits"]:
         span(f"wait {label}", "wait", 1, t0, t1)
     for seq, chunk, kind, nbytes, t0, t1 in events["chunks"]:
-        kind_name = _KINDS.get(kind, str(kind))
+        kind_name = _progress.KIND_NAMES.get(kind, str(kind))
         span(f"{kind_name} #{seq}.{chunk}", kind_name, 2, t0, t1,
              {"seq": seq, "chunk": chunk, "bytes": nbytes})
     return out

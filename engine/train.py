@@ -48,6 +48,7 @@ from engine.stall import StallError
 from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
+from ext import _progress
 
 DATASETS = ("digits", "synthetic", "mnist", "cifar10")
 SCHEDULES = ("constant", "step", "cosine")
@@ -99,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="verify bitwise identical replicas every N iterations")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip updates with a non-finite loss or gradient on every rank")
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--chunk-bytes", type=int, default=_progress.DEFAULT_CHUNK_BYTES)
+    p.add_argument("--max-inflight", type=int, default=_progress.DEFAULT_MAX_INFLIGHT)
     p.add_argument("--bucket-bytes", type=int, default=1 << 20, help="bucketed strategy only")
     p.add_argument("--fc-mode", default="auto",
                    choices=("auto", "alltoall", "activations", "reduce_scatter"),

@@ -40,6 +40,7 @@ from mpi4py import MPI
 from cnn.losses import SoftmaxCrossEntropy
 from engine.exchanger import Exchanger
 from engine.strategies import make_strategy
+from ext import _progress
 
 __all__ = ["NonFiniteError", "ReplicaDivergenceError", "Trainer"]
 
@@ -71,7 +72,7 @@ class Trainer:
     loss : object with forward(logits, y) -> float and backward() -> dlogits
         Averaging over the local batch; default `SoftmaxCrossEntropy`.
     chunk_bytes, max_inflight, poll_us : int
-        Passed to the `Exchanger`.
+        Passed to the `Exchanger`; defaults the engine's (1 MiB, 4, 200 us).
     algorithm : str
         The Exchanger's allreduce algorithm ("mpi", "recursive_doubling",
         "ring", "auto"; docs/allreduce_algorithms.md).
@@ -96,7 +97,9 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, strategy: str = "multistep", comm=None, *, loss=None,
-                 chunk_bytes: int = 1 << 20, max_inflight: int = 4, poll_us: int = 200,
+                 chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES,
+                 max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT,
+                 poll_us: int = _progress.DEFAULT_POLL_US,
                  bn_stats: str = "average", skip_nonfinite: bool = False,
                  check_replicas: int = 0, trace: bool = False, algorithm: str = "mpi",
                  stall_warn_s: float | None = 60.0, stall_timeout_s: float | None = None,

@@ -1,15 +1,26 @@
 # Declarations of the progress engine: the C structures shared by the
 # progress thread (which never holds the GIL) and the Python-facing classes.
 
-from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request
+from mpi4py.libmpi cimport MPI_Comm, MPI_Datatype, MPI_Op, MPI_Request, MPI_Status
 
 include "_sys.pxi"
 
-cdef enum:
+# cpdef: also module attributes of ext._progress, so that Python (engine/,
+# analysis/, bench/) imports these numbers instead of retyping them.
+cpdef enum:
     MAX_SLOTS = 256             # most MPI requests outstanding (the max_inflight cap)
     NEGOTIATION_WINDOW = 16     # not-yet-agreed requests one negotiation round can admit
     NEGOTIATION_LEN = 34        # 2 + 2 * NEGOTIATION_WINDOW
     ERRMSG_LEN = 512
+
+cpdef enum:
+    # The engine's defaults, for Exchanger, Trainer, engine.train, the
+    # benchmarks and the cost model alike. 1 MiB chunks: what training and
+    # every recorded step benchmark use (small enough for a priority request
+    # to overtake a large one after a few ms on a 1 Gbit/s link).
+    DEFAULT_CHUNK_BYTES = 1048576
+    DEFAULT_MAX_INFLIGHT = 4    # credit: keeps the link busy, few enough for priorities
+    DEFAULT_POLL_US = 200       # longest sleep between polls (the backoff's ceiling)
 
 cdef enum:
     KIND_ALLREDUCE = 0
@@ -84,6 +95,12 @@ ctypedef struct trace_event_t:
     double t_post
     double t_done
 
+cdef enum:
+    # Which pthread objects __cinit__ has initialised (only those are destroyed)
+    READY_LOCK = 1
+    READY_WAKE = 2
+    READY_CHANGED = 4
+
 ctypedef struct engine_t:
     MPI_Comm comm
     int size
@@ -96,6 +113,7 @@ ctypedef struct engine_t:
     int nice                    # nice value of the thread, 0 = unchanged
     pthread_t thread
     int thread_started
+    int sync_ready              # READY_* bits
     pthread_mutex_t lock
     pthread_cond_t wake         # to the thread: new work, close or abandon
     pthread_cond_t changed      # from the thread: a request finished, or it exited
@@ -130,6 +148,18 @@ ctypedef struct engine_t:
     int tag_ub                  # MPI_TAG_UB of the communicator
 
 
+ctypedef struct poll_t:
+    # What one poll of MPI found (poll_once, without the lock), for
+    # apply_completions (under the lock).
+    int outcount                # slots completed; -code when the whole MPI_Testsome failed
+    int test_rc                 # MPI_Testsome's return code
+    int round_done              # the negotiation round: 1 completed, -1 its test failed
+    int round_rc                # MPI_Test's return code for the round
+    int indices[MAX_SLOTS]
+    MPI_Status statuses[MAX_SLOTS]
+    MPI_Status round_status
+
+
 # The stall responder (a thread of its own; see StallResponder in the .pyx).
 cdef enum:
     STALL_QUERY_TAG = 7301
@@ -143,6 +173,7 @@ ctypedef struct responder_t:
     long poll_us
     pthread_t thread
     int started
+    int sync_ready              # READY_LOCK | READY_WAKE once initialised
     int stop                    # guarded by lock
     long long answered
     pthread_mutex_t lock

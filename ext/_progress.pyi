@@ -1,12 +1,36 @@
-"""Type stub of the Cython progress engine (ext/_progress.pyx). Use engine.Exchanger."""
+"""Type stub of the Cython progress engine (ext/_progress.pyx). Use engine.Exchanger.
+
+`make lint` checks it against the built extension (mypy's stubtest, with
+ext/stubtest_allowlist.txt); tests/test_stub.py checks what stubtest cannot
+see, the constructors' parameters.
+"""
 
 from typing import Any
 
 from mpi4py import MPI
+from typing_extensions import disjoint_base
 
+# ext/_progress.pxd: limits and defaults (cpdef enums)
+MAX_SLOTS: int
+NEGOTIATION_WINDOW: int
+NEGOTIATION_LEN: int
+ERRMSG_LEN: int
+DEFAULT_CHUNK_BYTES: int
+DEFAULT_MAX_INFLIGHT: int
+DEFAULT_POLL_US: int
+
+# The C enums by name
+KINDS: dict[str, int]
+KIND_NAMES: dict[int, str]
+STATES: dict[str, int]
+ALGORITHM_CODES: dict[str, int]
+
+@disjoint_base
 class Request:
-    arrays: tuple[Any, ...]
-    description: str
+    @property
+    def arrays(self) -> tuple[Any, ...]: ...
+    @property
+    def description(self) -> str: ...
     @property
     def seq(self) -> int: ...
     def state(self) -> int: ...
@@ -17,21 +41,28 @@ class Request:
     def progress(self) -> tuple[int, int, int, int, int]: ...
     def times(self) -> tuple[float, float, float]: ...
 
+@disjoint_base
 class Engine:
-    size: int
-    rank: int
-    leaked: bool
+    @property
+    def size(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def leaked(self) -> bool: ...
     def __init__(self, comm: MPI.Comm, chunk_bytes: int, max_inflight: int, poll_us: int,
-                 pin_cpu: int = ..., trace: bool = ...) -> None: ...
+                 pin_cpu: int = ..., trace: bool = ..., slice_us: int = ...,
+                 nice: int = ...) -> None: ...
     def enqueue(self, kind: int, buf_address: int, out_address: int, count: int, itemsize: int,
                 op: str, priority: int, signature: int, counts: list[int] | None,
                 arrays: tuple[Any, ...], description: str, fault: bool = ...,
                 algorithm: int = ...) -> Request: ...
+    def pending(self) -> list[Request]: ...
     def close(self, timeout: float) -> bool: ...
     def thread_cpu_seconds(self) -> float: ...
     def stats(self) -> dict[str, float]: ...
     def drain_trace(self) -> list[tuple[int, int, str, int, float, float]]: ...
 
+@disjoint_base
 class StallResponder:
     query_tag: int
     reply_tag: int

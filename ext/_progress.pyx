@@ -10,6 +10,7 @@ them, and wakes whoever waits. The thread never touches a Python object and
 never takes the GIL.
 """
 
+from cpython.ref cimport Py_INCREF
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset, strncpy
 from libc.stdio cimport snprintf
@@ -24,6 +25,9 @@ from mpi4py.libmpi cimport (
     MPI_ANY_SOURCE, MPI_Iprobe, MPI_Recv, MPI_Send,
 )
 cimport mpi4py.MPI as MPI
+cimport cython
+
+import os as _os
 
 
 # ----------------------------------------------------------------------------
@@ -49,16 +53,57 @@ cdef inline void sleep_us(long us) noexcept nogil:
     nanosleep(&ts, NULL)
 
 
+# ----------------------------------------------------------------------------
+# Return codes: one check for MPI, one for pthreads
+# ----------------------------------------------------------------------------
+#
+# In the progress thread (no GIL, no exceptions) a failed MPI call is recorded
+# on its request by mpi_ok and raised by Python at wait(). Python-facing code
+# (__init__, enqueue, close) raises at once through check_mpi and
+# check_pthread, naming the call.
+
+cdef void mpi_error_text(int code, char* text) noexcept nogil:
+    """MPI's own string for `code` into text[MPI_MAX_ERROR_STRING + 1]."""
+    cdef int length = 0
+    memset(text, 0, MPI_MAX_ERROR_STRING + 1)
+    if MPI_Error_string(code, text, &length) != MPI_SUCCESS:
+        strncpy(text, b"unknown MPI error", MPI_MAX_ERROR_STRING)
+
+
 cdef void record_mpi_error(request_t* r, const char* where, int code) noexcept nogil:
     """Store MPI's own error string on the request; raised later at wait()."""
     cdef char text[MPI_MAX_ERROR_STRING + 1]
-    cdef int length = 0
-    memset(text, 0, sizeof(text))
-    if MPI_Error_string(code, text, &length) != MPI_SUCCESS:
-        strncpy(text, b"unknown MPI error", MPI_MAX_ERROR_STRING)
+    mpi_error_text(code, text)
     if not r.failed:
         snprintf(r.errmsg, ERRMSG_LEN, b"%s failed (MPI error %d): %s", where, code, text)
     r.failed = 1
+
+
+cdef bint mpi_ok(request_t* r, const char* where, int code) noexcept nogil:
+    """The progress thread's check of an MPI return code: 1 on success; else
+    the error is recorded on `r` (when there is one) and 0 returned."""
+    if code == MPI_SUCCESS:
+        return 1
+    if r != NULL:
+        record_mpi_error(r, where, code)
+    return 0
+
+
+cdef int check_mpi(int code, str call) except -1:
+    """Raise RuntimeError naming `call` and MPI's error string unless `code` is MPI_SUCCESS."""
+    cdef char text[MPI_MAX_ERROR_STRING + 1]
+    if code != MPI_SUCCESS:
+        mpi_error_text(code, text)
+        raise RuntimeError(f"{call} failed (MPI error {code}): "
+                           f"{text.decode('utf-8', 'replace')}")
+    return 0
+
+
+cdef int check_pthread(int code, str call) except -1:
+    """Raise OSError naming `call` unless the pthread call returned 0 (pthreads return errno)."""
+    if code != 0:
+        raise OSError(code, f"{call} failed: {_os.strerror(code)}")
+    return 0
 
 
 cdef void finish_request(engine_t* e, request_t* r) noexcept nogil:
@@ -215,9 +260,8 @@ cdef int post_chunk(engine_t* e, request_t* r) noexcept nogil:
                                  e.slots[k].counts, e.slots[k].displs, dtype, e.comm,
                                  &e.mpi_reqs[k])
     r.chunks_posted += 1
-    if rc != MPI_SUCCESS:
+    if not mpi_ok(r, b"posting a chunk", rc):
         free_slot_buffers(&e.slots[k])
-        record_mpi_error(r, b"posting a chunk", rc)
         return rc
     if r.t_first_post == 0.0:
         r.t_first_post = now()
@@ -264,9 +308,7 @@ cdef int complete_slot(engine_t* e, int k, int error_code) noexcept nogil:
     r.chunks_inflight -= 1
     free_slot_buffers(&e.slots[k])
     e.inflight_seconds += t - e.slots[k].t_post
-    if error_code != MPI_SUCCESS:
-        record_mpi_error(r, b"a chunk", error_code)
-    else:
+    if mpi_ok(r, b"a chunk", error_code):
         r.chunks_done += 1
     if e.trace != NULL:
         if e.trace_len == e.trace_cap:
@@ -429,15 +471,14 @@ cdef void abandon_all(engine_t* e) noexcept nogil:
 #  4. It never touches a Python object and never takes the GIL; errors are
 #     stored on the request and raised by Python at wait().
 #  5. A buffer is never released while MPI may still write to it: a request
-#     finishes only once none of its chunks is in flight.
+#     finishes only once none of its chunks is in flight, and until then the
+#     Engine holds its Request (which holds the arrays; see Engine.live).
+#
+# One pass of the loop: under the lock, decide (start a negotiation round,
+# sleep when idle); poll_once without it; apply_completions under it.
 
-cdef void* progress_main(void* arg) noexcept nogil:
-    cdef engine_t* e = <engine_t*>arg
-    cdef int i, k, rc, test_rc, round_rc, outcount, flag, progressed, j
-    cdef long backoff_us = 1
-    cdef int indices[MAX_SLOTS]
-    cdef MPI_Status statuses[MAX_SLOTS]
-    cdef MPI_Status round_status
+cdef void configure_thread(engine_t* e) noexcept nogil:
+    """Timer slack, scheduler slice, nice value and core of the calling (progress) thread."""
     cdef cpu_set_t cpus
     progress_set_timer_slack(1000)
     if e.slice_us > 0:
@@ -449,17 +490,88 @@ cdef void* progress_main(void* arg) noexcept nogil:
         CPU_SET(e.pin_cpu, &cpus)
         pthread_setaffinity_np(pthread_self(), sizeof(cpu_set_t), &cpus)
 
+
+cdef void poll_once(engine_t* e, poll_t* p) noexcept nogil:
+    """Without the lock (Python may enqueue meanwhile): one MPI_Testsome over the
+    slots in flight, then one MPI_Test of the negotiation round, results into `p`."""
+    p.outcount = 0
+    p.test_rc = MPI_SUCCESS
+    if e.nactive > 0:
+        p.test_rc = MPI_Testsome(e.nactive, e.mpi_reqs, &p.outcount, p.indices, p.statuses)
+        if p.outcount == MPI_UNDEFINED:
+            p.outcount = 0
+        if p.test_rc != MPI_SUCCESS and p.test_rc != MPI_ERR_IN_STATUS:
+            p.outcount = -p.test_rc    # the whole call failed: every slot fails
+    p.round_done = 0
+    p.round_rc = MPI_SUCCESS
+    if e.round_active:
+        p.round_rc = MPI_Test(&e.round_req, &p.round_done, &p.round_status)
+        if p.round_rc != MPI_SUCCESS:
+            p.round_done = -1
+
+
+cdef int apply_completions(engine_t* e, poll_t* p) noexcept nogil:
+    """Under the lock: complete or advance the slots `poll_once` found done, then
+    apply a completed negotiation round.
+
+    Returns 1 if anything progressed, 0 if nothing did, -1 if the round
+    failed (everything is abandoned and the thread must exit).
+    """
+    cdef int i, j, k, rc
+    cdef int progressed = 0
+    if p.outcount < 0:
+        for k in range(e.nactive):
+            complete_slot(e, k, -p.outcount)
+        e.nactive = 0
+        progressed = 1
+    elif p.outcount > 0:
+        for i in range(p.outcount):
+            k = p.indices[i]
+            rc = MPI_SUCCESS
+            if p.test_rc == MPI_ERR_IN_STATUS:    # only then are the error fields set
+                rc = p.statuses[i].MPI_ERROR
+            if rc == MPI_SUCCESS and e.slots[k].req.algorithm != ALGORITHM_MPI:
+                if next_step(e, k):
+                    continue        # the chunk's next step now occupies slot k
+            if rc == MPI_SUCCESS and e.slots[k].req.mean and not e.slots[k].req.failed:
+                divide_by_size(e, e.slots[k].req, e.slots[k].chunk)
+            complete_slot(e, k, rc)
+        # Compact the live slots (completed requests are MPI_REQUEST_NULL now).
+        j = 0
+        for k in range(e.nactive):
+            if e.mpi_reqs[k] != MPI_REQUEST_NULL:
+                e.mpi_reqs[j] = e.mpi_reqs[k]
+                e.slots[j] = e.slots[k]
+                j += 1
+        e.nactive = j
+        progressed = 1
+    if p.round_done == -1:
+        mpi_ok(e.head, b"the negotiation round", p.round_rc)
+        e.round_active = 0
+        abandon_all(e)
+        return -1
+    if p.round_done:
+        e.round_active = 0
+        apply_round(e)
+        progressed = 1
+    return progressed
+
+
+cdef void* progress_main(void* arg) noexcept nogil:
+    cdef engine_t* e = <engine_t*>arg
+    cdef int progressed
+    cdef long backoff_us = 1
+    cdef poll_t poll
+    configure_thread(e)
+
     pthread_mutex_lock(&e.lock)
     while True:
         if e.abandon:
             abandon_all(e)
             break
         if not e.round_active and round_needed(e):
-            rc = start_round(e)
-            if rc != MPI_SUCCESS:
+            if not mpi_ok(e.head, b"the negotiation round", start_round(e)):
                 # The communicator itself is broken: fail everything rather than hang.
-                if e.head != NULL:
-                    record_mpi_error(e.head, b"the negotiation round", rc)
                 abandon_all(e)
                 break
         if e.nactive == 0 and not e.round_active:
@@ -470,61 +582,11 @@ cdef void* progress_main(void* arg) noexcept nogil:
                 pthread_cond_wait(&e.wake, &e.lock)
                 continue
         pthread_mutex_unlock(&e.lock)
-
-        # Drive MPI without holding the lock (Python may enqueue meanwhile).
-        progressed = 0
-        outcount = 0
-        test_rc = MPI_SUCCESS
-        if e.nactive > 0:
-            test_rc = MPI_Testsome(e.nactive, e.mpi_reqs, &outcount, indices, statuses)
-            if outcount == MPI_UNDEFINED:
-                outcount = 0
-            if test_rc != MPI_SUCCESS and test_rc != MPI_ERR_IN_STATUS:
-                outcount = -test_rc    # the whole call failed: handled below under the lock
-        flag = 0
-        round_rc = MPI_SUCCESS
-        if e.round_active:
-            round_rc = MPI_Test(&e.round_req, &flag, &round_status)
-            if round_rc != MPI_SUCCESS:
-                flag = -1
-
+        poll_once(e, &poll)
         pthread_mutex_lock(&e.lock)
-        if outcount < 0:
-            for k in range(e.nactive):
-                complete_slot(e, k, -outcount)
-            e.nactive = 0
-            progressed = 1
-        elif outcount > 0:
-            for i in range(outcount):
-                k = indices[i]
-                rc = MPI_SUCCESS
-                if test_rc == MPI_ERR_IN_STATUS:    # only then are the error fields set
-                    rc = statuses[i].MPI_ERROR
-                if rc == MPI_SUCCESS and e.slots[k].req.algorithm != ALGORITHM_MPI:
-                    if next_step(e, k):
-                        continue        # the chunk's next step now occupies slot k
-                if rc == MPI_SUCCESS and e.slots[k].req.mean and not e.slots[k].req.failed:
-                    divide_by_size(e, e.slots[k].req, e.slots[k].chunk)
-                complete_slot(e, k, rc)
-            # Compact the live slots (completed requests are MPI_REQUEST_NULL now).
-            j = 0
-            for k in range(e.nactive):
-                if e.mpi_reqs[k] != MPI_REQUEST_NULL:
-                    e.mpi_reqs[j] = e.mpi_reqs[k]
-                    e.slots[j] = e.slots[k]
-                    j += 1
-            e.nactive = j
-            progressed = 1
-        if flag == -1:
-            if e.head != NULL:
-                record_mpi_error(e.head, b"the negotiation round", round_rc)
-            e.round_active = 0
-            abandon_all(e)
+        progressed = apply_completions(e, &poll)
+        if progressed < 0:
             break
-        if flag:
-            e.round_active = 0
-            apply_round(e)
-            progressed = 1
         if progressed:
             backoff_us = 1
         elif e.nactive > 0 or e.round_active:
@@ -547,23 +609,57 @@ cdef void* progress_main(void* arg) noexcept nogil:
 # Python-facing classes
 # ----------------------------------------------------------------------------
 
-_KIND_NAMES = {KIND_ALLREDUCE: "allreduce", KIND_REDUCE_SCATTER: "reduce_scatter",
-               KIND_ALLGATHER: "allgather", KIND_ALLTOALL: "alltoall"}
+# The C enums by name, for engine/exchanger.py and engine/trace.py (never retyped there).
+KINDS = {"allreduce": KIND_ALLREDUCE, "reduce_scatter": KIND_REDUCE_SCATTER,
+         "allgather": KIND_ALLGATHER, "alltoall": KIND_ALLTOALL}
+KIND_NAMES = {code: name for name, code in KINDS.items()}
+STATES = {"queued": STATE_QUEUED, "agreed": STATE_AGREED, "done": STATE_DONE,
+          "failed": STATE_FAILED}
+#: allreduce algorithms: MPI_Iallreduce, or the progress thread's own (_algorithms.pxi)
+ALGORITHM_CODES = {"mpi": ALGORITHM_MPI, "recursive_doubling": ALGORITHM_RECURSIVE_DOUBLING,
+                   "ring": ALGORITHM_RING}
 
 
+# Requests an engine had to abandon while MPI still owned their buffers
+# (Engine.close timed out): kept for the life of the process.
+_LEAKED = []
+
+
+@cython.no_gc_clear     # __dealloc__ needs `engine` and `arrays` even when collected in a cycle
 cdef class Request:
-    """One enqueued collective, as seen from Python. Owns its C record."""
+    """One enqueued collective, as seen from Python. Owns its C record and its arrays.
+
+    Its Engine holds it until it has finished (Engine.live), so dropping
+    every Python reference to a request and its arrays while chunks are in
+    flight is safe.
+    """
     cdef request_t* r
     cdef Engine engine
-    cdef readonly object arrays      # keeps every buffer alive until completion
+    cdef readonly object arrays      # every buffer MPI reads or writes
     cdef readonly str description
+    cdef bint enqueued               # linked into the engine's list
 
     def __dealloc__(self):
-        if self.r != NULL:
-            free(self.r.counts)
-            free(self.r.displs)
-            free(self.r)
+        cdef engine_t* e
+        cdef int unsafe = 0
+        if self.r == NULL:
+            return
+        if self.enqueued:
+            e = self.engine.e
+            pthread_mutex_lock(&e.lock)
+            unsafe = self.r.state < STATE_DONE or e.leaked
+            pthread_mutex_unlock(&e.lock)
+        if unsafe:
+            # Only reachable when a garbage cycle takes the Engine's `live`
+            # with it: the thread may still use the record and MPI the
+            # arrays, so both are leaked rather than freed.
+            Py_INCREF(self.arrays)
             self.r = NULL
+            return
+        free(self.r.counts)
+        free(self.r.displs)
+        free(self.r)
+        self.r = NULL
 
     @property
     def seq(self):
@@ -621,6 +717,7 @@ cdef class Request:
         return (self.r.t_enqueue, self.r.t_first_post, self.r.t_done)
 
 
+@cython.no_gc_clear     # __dealloc__ may still need `live`
 cdef class Engine:
     """The C progress engine of one communicator. engine.Exchanger wraps it."""
     cdef engine_t* e
@@ -628,12 +725,22 @@ cdef class Engine:
     cdef readonly int rank
     cdef long long next_seq
     cdef object comm     # keeps the MPI communicator object alive
+    # seq -> Request for every request not yet seen finished: the engine, not
+    # its caller, keeps the buffers alive while MPI may touch them.
+    cdef dict live
 
-    def __cinit__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
-                  long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0):
+    def __cinit__(self):
+        self.live = {}
+
+    # __init__, not __cinit__, takes the arguments so that its signature is
+    # introspectable (the .pyi stub is checked against it by stubtest).
+    def __init__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
+                 long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0):
         cdef pthread_condattr_t attr
         cdef int* tag_ub = NULL
         cdef int found = 0
+        if self.e != NULL:
+            raise RuntimeError("an Engine is initialised once")
         if max_inflight < 1 or max_inflight > MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {MAX_SLOTS}], got {max_inflight}")
         self.e = <engine_t*>calloc(1, sizeof(engine_t))
@@ -641,8 +748,8 @@ cdef class Engine:
             raise MemoryError()
         self.comm = comm
         self.e.comm = comm.ob_mpi
-        MPI_Comm_size(self.e.comm, &self.e.size)
-        MPI_Comm_rank(self.e.comm, &self.e.rank)
+        check_mpi(MPI_Comm_size(self.e.comm, &self.e.size), "MPI_Comm_size")
+        check_mpi(MPI_Comm_rank(self.e.comm, &self.e.rank), "MPI_Comm_rank")
         self.size = self.e.size
         self.rank = self.e.rank
         self.e.chunk_bytes = chunk_bytes
@@ -653,19 +760,27 @@ cdef class Engine:
         self.e.nice = nice
         self.e.round_req = MPI_REQUEST_NULL
         self.e.tag_ub = 32767       # the least MPI_TAG_UB the standard allows
-        if MPI_Comm_get_attr(self.e.comm, MPI_TAG_UB, &tag_ub, &found) == MPI_SUCCESS and found:
+        check_mpi(MPI_Comm_get_attr(self.e.comm, MPI_TAG_UB, &tag_ub, &found),
+                  "MPI_Comm_get_attr(MPI_TAG_UB)")
+        if found:
             self.e.tag_ub = tag_ub[0]
-        pthread_mutex_init(&self.e.lock, NULL)
-        pthread_condattr_init(&attr)
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(&self.e.wake, &attr)
-        pthread_cond_init(&self.e.changed, &attr)
-        pthread_condattr_destroy(&attr)
+        check_pthread(pthread_mutex_init(&self.e.lock, NULL), "pthread_mutex_init")
+        self.e.sync_ready |= READY_LOCK
+        check_pthread(pthread_condattr_init(&attr), "pthread_condattr_init")
+        try:
+            check_pthread(pthread_condattr_setclock(&attr, CLOCK_MONOTONIC),
+                          "pthread_condattr_setclock(CLOCK_MONOTONIC)")
+            check_pthread(pthread_cond_init(&self.e.wake, &attr), "pthread_cond_init")
+            self.e.sync_ready |= READY_WAKE
+            check_pthread(pthread_cond_init(&self.e.changed, &attr), "pthread_cond_init")
+            self.e.sync_ready |= READY_CHANGED
+        finally:
+            pthread_condattr_destroy(&attr)
         if trace:
             self.e.trace_cap = 4096
             self.e.trace = <trace_event_t*>malloc(self.e.trace_cap * sizeof(trace_event_t))
-        if pthread_create(&self.e.thread, NULL, progress_main, self.e) != 0:
-            raise RuntimeError("could not start the progress thread")
+        check_pthread(pthread_create(&self.e.thread, NULL, progress_main, self.e),
+                      "pthread_create (the progress thread)")
         self.e.thread_started = 1
 
     def __dealloc__(self):
@@ -681,13 +796,25 @@ cdef class Engine:
                 pthread_join(self.e.thread, NULL)
             self.e.thread_started = 0
         if self.e.leaked:
-            return    # MPI may still touch this memory; leaking it is the safe choice
-        pthread_mutex_destroy(&self.e.lock)
-        pthread_cond_destroy(&self.e.wake)
-        pthread_cond_destroy(&self.e.changed)
+            # MPI may still touch this memory and the requests' arrays:
+            # leaking them is the safe choice.
+            if self.live:
+                _LEAKED.append(list(self.live.values()))
+            return
+        if self.e.sync_ready & READY_LOCK:
+            pthread_mutex_destroy(&self.e.lock)
+        if self.e.sync_ready & READY_WAKE:
+            pthread_cond_destroy(&self.e.wake)
+        if self.e.sync_ready & READY_CHANGED:
+            pthread_cond_destroy(&self.e.changed)
         free(self.e.trace)
         free(self.e)
         self.e = NULL
+
+    cdef int ready(self) except -1:
+        if self.e == NULL:
+            raise RuntimeError("Engine.__init__ was never called")
+        return 0
 
     def enqueue(self, int kind, size_t buf_address, size_t out_address, long long count,
                 int itemsize, str op, int priority, long long signature, object counts,
@@ -695,10 +822,12 @@ cdef class Engine:
         """Hand a validated request to the thread.
 
         The caller (engine.Exchanger) has checked dtype, contiguity and sizes;
-        `arrays` holds every buffer, and the returned Request keeps it alive.
+        `arrays` holds every buffer: the returned Request keeps it, and the
+        engine keeps the Request until the thread has finished with it.
         `count` is the full array's element count (n of the partition).
         `algorithm` (ALGORITHM_*) says how an allreduce's chunks run.
         """
+        self.ready()
         cdef Request req = Request.__new__(Request)
         cdef request_t* r = <request_t*>calloc(1, sizeof(request_t))
         cdef int p
@@ -740,7 +869,8 @@ cdef class Engine:
             if kind == KIND_ALLGATHER:
                 r.in_place = (r.buf == r.out + r.displs[self.rank] * r.itemsize)
         r.t_enqueue = now()
-        pthread_mutex_lock(&self.e.lock)
+        self.pending()           # let go of the requests that have finished meanwhile
+        check_pthread(pthread_mutex_lock(&self.e.lock), "pthread_mutex_lock")
         if self.e.closing or self.e.exited or self.e.abandon:
             pthread_mutex_unlock(&self.e.lock)
             raise RuntimeError("the exchanger is closed")
@@ -752,19 +882,44 @@ cdef class Engine:
             self.e.tail.next = r
         self.e.tail = r
         self.e.n_enqueued += 1
+        self.live[r.seq] = req
+        req.enqueued = True
         pthread_cond_signal(&self.e.wake)
         pthread_mutex_unlock(&self.e.lock)
         req.description = description.format(seq=r.seq)
         return req
+
+    def pending(self):
+        """The requests not yet finished, in posting order; forgets the finished ones.
+
+        Until a request is seen finished here, the engine holds it (and so its
+        arrays): the progress thread and MPI may still use them.
+        """
+        self.ready()
+        cdef Request req
+        cdef int leaked
+        unfinished = []
+        finished = []
+        pthread_mutex_lock(&self.e.lock)
+        leaked = self.e.leaked
+        for seq, req in self.live.items():
+            (unfinished if req.r.state < STATE_DONE else finished).append(seq)
+        pthread_mutex_unlock(&self.e.lock)
+        if not leaked:      # else MPI may still use the abandoned ones' arrays: keep them
+            for seq in finished:
+                del self.live[seq]
+        return [self.live[seq] for seq in unfinished]
 
     def close(self, double timeout):
         """Let the thread finish what is pending, failing it after `timeout` seconds.
 
         Returns True if everything finished, False if requests were abandoned.
         """
+        self.ready()
         cdef double deadline = now() + timeout
         cdef timespec ts
         cdef int clean = 1
+        cdef int rc
         if not self.e.thread_started:
             return not self.e.leaked
         with nogil:
@@ -781,15 +936,22 @@ cdef class Engine:
                         pthread_cond_signal(&self.e.wake)
                         break
             pthread_mutex_unlock(&self.e.lock)
-            pthread_join(self.e.thread, NULL)
+            rc = pthread_join(self.e.thread, NULL)
+        check_pthread(rc, "pthread_join (the progress thread)")
         self.e.thread_started = 0
+        if self.e.leaked:
+            # MPI may still write into these arrays: keep them for good.
+            _LEAKED.append(list(self.live.values()))
+        self.live.clear()
         return bool(clean) and not self.e.leaked
 
     @property
     def leaked(self):
+        self.ready()
         return bool(self.e.leaked)
 
     def thread_cpu_seconds(self):
+        self.ready()
         cdef clockid_t cid
         cdef timespec ts
         if self.e.thread_started and not self.e.exited:
@@ -799,6 +961,7 @@ cdef class Engine:
         return self.e.thread_cpu_seconds
 
     def stats(self):
+        self.ready()
         pthread_mutex_lock(&self.e.lock)
         d = {
             "bytes_posted": self.e.bytes_posted,
@@ -815,6 +978,7 @@ cdef class Engine:
 
     def drain_trace(self):
         """Return and forget the recorded chunk events: (seq, chunk, kind, bytes, t_post, t_done)."""
+        self.ready()
         events = []
         cdef long long i
         if self.e.trace == NULL:
@@ -822,7 +986,7 @@ cdef class Engine:
         pthread_mutex_lock(&self.e.lock)
         for i in range(self.e.trace_len):
             ev = self.e.trace[i]
-            events.append((ev.seq, ev.chunk, _KIND_NAMES[ev.kind], ev.nbytes, ev.t_post, ev.t_done))
+            events.append((ev.seq, ev.chunk, KIND_NAMES[ev.kind], ev.nbytes, ev.t_post, ev.t_done))
         self.e.trace_len = 0
         pthread_mutex_unlock(&self.e.lock)
         return events
@@ -903,8 +1067,11 @@ cdef class StallResponder:
     reply_tag = STALL_REPLY_TAG
     reply_len = STALL_REPLY_LEN
 
-    def __cinit__(self, Engine engine not None, MPI.Comm comm not None, long poll_us):
+    def __init__(self, Engine engine not None, MPI.Comm comm not None, long poll_us):
         cdef pthread_condattr_t attr
+        if self.s != NULL:
+            raise RuntimeError("a StallResponder is initialised once")
+        engine.ready()
         if poll_us < 1:
             raise ValueError(f"poll_us must be >= 1, got {poll_us}")
         self.s = <responder_t*>calloc(1, sizeof(responder_t))
@@ -915,13 +1082,18 @@ cdef class StallResponder:
         self.s.comm = comm.ob_mpi
         self.s.engine = engine.e
         self.s.poll_us = poll_us
-        pthread_mutex_init(&self.s.lock, NULL)
-        pthread_condattr_init(&attr)
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(&self.s.wake, &attr)
-        pthread_condattr_destroy(&attr)
-        if pthread_create(&self.s.thread, NULL, responder_main, self.s) != 0:
-            raise RuntimeError("could not start the stall responder thread")
+        check_pthread(pthread_mutex_init(&self.s.lock, NULL), "pthread_mutex_init")
+        self.s.sync_ready |= READY_LOCK
+        check_pthread(pthread_condattr_init(&attr), "pthread_condattr_init")
+        try:
+            check_pthread(pthread_condattr_setclock(&attr, CLOCK_MONOTONIC),
+                          "pthread_condattr_setclock(CLOCK_MONOTONIC)")
+            check_pthread(pthread_cond_init(&self.s.wake, &attr), "pthread_cond_init")
+            self.s.sync_ready |= READY_WAKE
+        finally:
+            pthread_condattr_destroy(&attr)
+        check_pthread(pthread_create(&self.s.thread, NULL, responder_main, self.s),
+                      "pthread_create (the stall responder)")
         self.s.started = 1
 
     def stop(self):
@@ -939,13 +1111,15 @@ cdef class StallResponder:
     @property
     def answered(self):
         """Queries answered so far."""
-        return self.s.answered
+        return 0 if self.s == NULL else self.s.answered
 
     def __dealloc__(self):
         if self.s == NULL:
             return
         self.stop()
-        pthread_mutex_destroy(&self.s.lock)
-        pthread_cond_destroy(&self.s.wake)
+        if self.s.sync_ready & READY_LOCK:
+            pthread_mutex_destroy(&self.s.lock)
+        if self.s.sync_ready & READY_WAKE:
+            pthread_cond_destroy(&self.s.wake)
         free(self.s)
         self.s = NULL

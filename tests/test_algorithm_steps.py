@@ -16,7 +16,8 @@ import pytest
 
 from ext import _progress
 
-RECURSIVE_DOUBLING, RING = 1, 2
+RECURSIVE_DOUBLING = _progress.ALGORITHM_CODES["recursive_doubling"]
+RING = _progress.ALGORITHM_CODES["ring"]
 
 
 def replay(algorithm, P, inputs):

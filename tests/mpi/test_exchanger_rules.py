@@ -1,10 +1,12 @@
 """The rules the Exchanger enforces: bad input, in-flight buffers, MPI errors,
 timeouts, mismatched collectives, close(), and the GIL."""
 
+import gc
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numba
 import numpy as np
@@ -166,6 +168,51 @@ def test_use_after_close_and_close_with_pending_requests():
     with pytest.raises(RuntimeError, match="closed"):
         ex.allreduce_async(np.ones(3, np.float32))
     ex.close()                              # idempotent
+
+
+def test_dropping_every_reference_mid_flight_is_safe():
+    """The engine, not the caller, keeps a request and its arrays until MPI is
+    done: drop the handle and the arrays (and collect garbage) while the
+    request cannot finish yet, and the result still lands in live memory."""
+    ex = Exchanger(chunk_bytes=4096, max_inflight=1, close_timeout=60)
+    n = 20_000                               # 20 chunks of 4 KiB, one in flight at a time
+    refs = []
+
+    def post_and_drop():
+        a = np.full(n, RANK + 1, np.float32)
+        ex.allreduce_async(a, op="sum", priority=1)
+        refs.append(weakref.ref(a))
+        del a                                # the handle was never kept either
+        gc.collect()
+
+    # Every rank but the last posts first: without the last rank's posts
+    # nothing can finish, so for a while only the engine holds these arrays.
+    if RANK < P - 1:
+        for _ in range(4):
+            post_and_drop()
+        pending = ex._engine.pending()
+        assert [r.arrays[0] for r in pending] == [ref() for ref in refs]
+        del pending
+    COMM.Barrier()
+    if RANK == P - 1:
+        # Here each post may find the previous request finished and let it go.
+        for _ in range(4):
+            post_and_drop()
+    arrays = [a for a in (ref() for ref in refs) if a is not None]
+    if RANK < P - 1:
+        assert len(arrays) == 4              # nothing let go of an unfinished request
+    ex.close()                               # waits for the requests, then joins the thread
+    for a in arrays:
+        np.testing.assert_array_equal(a, P * (P + 1) / 2)
+    arrays = a = None
+    gc.collect()
+    assert all(ref() is None for ref in refs)       # once finished, the engine lets go
+
+
+def test_failed_mpi_calls_in_the_constructor_name_the_call():
+    from ext import _progress
+    with pytest.raises(RuntimeError, match="MPI_Comm_size failed"):
+        _progress.Engine(MPI.COMM_NULL, 1 << 20, 4, 200)
 
 
 def test_stats_report_counts_and_thread_cpu(ex):
