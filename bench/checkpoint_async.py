@@ -34,6 +34,7 @@ import time
 
 from mpi4py import MPI
 
+from bench.common import write_results
 from bench.step import batches
 from cnn import models, set_num_threads
 from cnn.checkpoint import save_checkpoint
@@ -131,11 +132,7 @@ def main(argv=None):
         lines += [f"| {r['mode']} | {r['step_ms']:.1f} | {100 * r['overhead']:+.1f} % | "
                   f"{r['checkpoint_mb']:.1f} |" for r in rows]
         if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(rows, f, indent=1)
-            with open(os.path.splitext(args.json_out)[0] + ".md", "w") as f:
-                f.write("\n".join(lines) + "\n")
+            write_results(rows, args.json_out, "\n".join(lines))
         print(json.dumps(rows) if args.json else "\n".join(lines))
     return rows
 

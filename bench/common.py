@@ -24,6 +24,19 @@ def size_label(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
+def write_results(rows: list, json_out: str, markdown: str, plot=None) -> None:
+    """`rows` as JSON to `json_out`, the markdown table beside it (.md) and, when
+    given, ``plot(rows, path)`` to a .png beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+    with open(json_out, "w") as f:
+        json.dump(rows, f, indent=1)
+    base = os.path.splitext(json_out)[0]
+    with open(base + ".md", "w") as f:
+        f.write(markdown + "\n")
+    if plot is not None:
+        plot(rows, base + ".png")
+
+
 def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
     """The options every step benchmark takes (model, batch, iterations, output)."""
     p = argparse.ArgumentParser(prog=prog, description=description)

@@ -28,6 +28,8 @@ import os
 import subprocess
 import sys
 
+from bench.common import write_results
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.ensemble", description=__doc__.split("\n")[0])
@@ -107,13 +109,7 @@ def main(argv=None):
             rows.append(run_one(args, k, pipeline))
             print(f"bench.ensemble: K={k} {pipeline}: {rows[-1]}", file=sys.stderr)
     if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(rows, f, indent=1)
-        base = os.path.splitext(args.json_out)[0]
-        with open(base + ".md", "w") as f:
-            f.write(table(rows) + "\n")
-        plot(rows, base + ".png")
+        write_results(rows, args.json_out, table(rows), plot)
     print(json.dumps(rows) if args.json else table(rows))
     return rows
 

@@ -41,6 +41,7 @@ import sys
 from mpi4py import MPI
 
 from bench import step
+from bench.common import write_results
 from bench.peers import ddp
 from cnn.runtime import configure
 from engine import train
@@ -186,11 +187,7 @@ def main(argv=None):
         timelines(args, base)
     if COMM.rank == 0:
         if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(rows, f, indent=1)
-            with open(base + ".md", "w") as f:
-                f.write(table(rows) + "\n")
-            plot(rows, base + ".png")
+            write_results(rows, args.json_out, table(rows), plot)
         print(json.dumps(rows) if args.json else table(rows))
     return rows
 

@@ -35,7 +35,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +59,7 @@ from engine.train import (
     CHECKPOINT_NAME,
     SCHEDULES,
     ConfigError,
+    abort_the_job,
     default_threads,
     make_schedule,
     strategy_options,
@@ -472,12 +472,7 @@ def main(argv=None) -> int:
             comm.Abort(1)
         return 1
     except Exception:
-        # Raised on this rank only: the others would wait forever in a collective.
-        if comm.Get_size() > 1:
-            traceback.print_exc()
-            print(f"engine.ensemble: rank {comm.Get_rank()} failed; aborting the job",
-                  file=sys.stderr, flush=True)
-            comm.Abort(1)
+        abort_the_job(comm, "engine.ensemble")
         raise
     if comm.Get_rank() == 0:
         print(json.dumps(metrics))

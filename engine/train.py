@@ -421,6 +421,16 @@ def run(args, comm) -> dict:
     return metrics
 
 
+def abort_the_job(comm, prog: str) -> None:
+    """An exception raised on this rank only: the others would wait forever in a
+    collective, so print it and end the whole job (nothing to do on one rank)."""
+    if comm.Get_size() > 1:
+        traceback.print_exc()
+        print(f"{prog}: rank {comm.Get_rank()} failed; aborting the job", file=sys.stderr,
+              flush=True)
+        comm.Abort(1)
+
+
 def main(argv=None) -> int:
     configure(progress_thread=True)
     comm = MPI.COMM_WORLD
@@ -447,12 +457,7 @@ def main(argv=None) -> int:
             comm.Abort(3)
         return 3
     except Exception:
-        # Raised on this rank only: the others would wait forever in a collective.
-        if comm.Get_size() > 1:
-            traceback.print_exc()
-            print(f"engine.train: rank {comm.Get_rank()} failed; aborting the job",
-                  file=sys.stderr, flush=True)
-            comm.Abort(1)
+        abort_the_job(comm, "engine.train")
         raise
     if comm.Get_rank() == 0:
         print(json.dumps(metrics))

@@ -1,6 +1,8 @@
 """The benchmark helpers that are not benchmarks themselves: the core probe and
 the README table of the throughput comparison."""
 
+import json
+
 import numba
 import pytest
 
@@ -51,3 +53,15 @@ def test_throughput_table_shows_rounds_and_probes():
     assert one.endswith("| n/a / n/a |")
     header = next(line for line in lines if line.startswith("| model |"))
     assert header.count("|") == two.count("|")
+
+
+def test_write_results_puts_json_table_and_plot_side_by_side(tmp_path):
+    from bench.common import write_results
+
+    drawn = []
+    rows = [{"k": 1, "t_ms": 2.5}]
+    write_results(rows, str(tmp_path / "sub" / "r.json"), "| k |\n|---|",
+                  plot=lambda r, path: drawn.append((r, path)))
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == rows
+    assert (tmp_path / "sub" / "r.md").read_text() == "| k |\n|---|\n"
+    assert drawn == [(rows, str(tmp_path / "sub" / "r.png"))]
