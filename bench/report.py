@@ -233,14 +233,20 @@ def ensemble_section(rows):
     return lines
 
 
-def stragglers_section(rows):
+def stragglers_section(rows, headline=False):
+    """The straggler table; `headline` keeps the largest factor's rows (README)."""
     rows = [r for r in rows if "hidden_fraction" in r]
     if not rows:
         return []
+    note = ""
+    if headline:
+        worst = max(r["straggler_factor"] for r in rows)
+        rows = [r for r in rows if r["straggler_factor"] == worst]
+        note = f" Factor {worst:g} only here; every factor in `bench/results/summary.md`."
     lines = ["### Stragglers (bench/stragglers.py)", "",
              "The last rank's layers slowed by a factor (`--straggler`); hidden fraction = "
              "1 - (iteration increase) / (straggler's extra compute): 0 = the whole delay shows, "
-             "1 = none (docs/stragglers.md).", "",
+             "1 = none (docs/stragglers.md)." + note, "",
              "| model | ranks | link | strategy | factor | iter ms | straggler delay ms | "
              "hidden fraction |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -270,6 +276,50 @@ def checkpoint_section(rows):
     return lines + [""]
 
 
+def algorithms_section(rows):
+    rows = [r for r in rows if "algorithm" in r and "t_ms" in r]
+    if not rows:
+        return []
+    ranks = rows[0]["ranks"]
+    lines = ["### Allreduce algorithms (bench/algorithms.py)", "",
+             f"`mpiexec -n {ranks} python -m bench.algorithms` (inside `bench/netlink --rate R --` for "
+             "the emulated links): one float32 allreduce, median ms of the slowest rank; auto with "
+             "the thresholds the cost model computes from each link's fit (docs/allreduce_algorithms.md).",
+             "", "| link | size | mpi | recursive doubling | ring | auto (chose) | auto / best "
+             "| auto / mpi |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["link"], r["bytes"]), {})[r["algorithm"]] = r
+    for (link, nbytes), t in sorted(by.items(), key=lambda kv: (link_key(kv[0][0]), kv[0][1])):
+        if not all(a in t for a in ("mpi", "recursive_doubling", "ring", "auto")):
+            continue
+        best = min(t[a]["t_ms"] for a in ("mpi", "recursive_doubling", "ring"))
+        auto = t["auto"]
+        lines.append(f"| {link} | {size_label(nbytes)} | {t['mpi']['t_ms']:.3f} | "
+                     f"{t['recursive_doubling']['t_ms']:.3f} | {t['ring']['t_ms']:.3f} | "
+                     f"{auto['t_ms']:.3f} ({auto.get('chose', '?')}) | {auto['t_ms'] / best:.2f} | "
+                     f"{auto['t_ms'] / t['mpi']['t_ms']:.2f} |")
+    return lines + [""]
+
+
+def faults_section(reports):
+    reports = [r for r in reports if isinstance(r, dict) and "scenarios" in r]
+    if not reports:
+        return []
+    lines = ["### Faults (bench/faults.py)", "",
+             "`python bench/faults.py`: each scenario on a real job (docs/faults.md).", "",
+             "| ranks | scenario | detected | s to detection | ranks exited | iterations lost | "
+             "checkpoint loads | resume correct |", "|---:|---|---|---:|---:|---:|---|---|"]
+    for rep in reports:
+        for s in rep["scenarios"]:
+            seconds = s.get("seconds_to_detection")
+            lines.append(f"| {s['ranks']} | {s['scenario']} | {s['detected']} | "
+                         f"{'' if seconds is None else f'{seconds:.2f}'} | {s['ranks_exited']} | "
+                         f"{'' if s['data_lost_iterations'] is None else s['data_lost_iterations']} | "
+                         f"{s.get('checkpoint_loads')} | {s.get('resume_correct')} |")
+    return lines + [""]
+
+
 def sections(headline: bool) -> str:
     """All tables as markdown: every row for summary.md, the headline rows for the README."""
     parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
@@ -280,8 +330,10 @@ def sections(headline: bool) -> str:
     parts += timeline_section()
     parts += model_check_section(load("model_check_*.json"))
     parts += simulate_section()
+    parts += algorithms_section(load("algorithms_*.json"))
+    parts += faults_section(load("faults_*.json"))
     parts += ensemble_section(load("ensemble*.json"))
-    parts += stragglers_section(load("stragglers*.json"))
+    parts += stragglers_section(load("stragglers*.json"), headline)
     parts += checkpoint_section(load("checkpoint_async*.json"))
     return "\n".join(parts)
 

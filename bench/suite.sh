@@ -94,6 +94,18 @@ for model in resnet20 vgg16-cifar; do
     done
 done
 
+# Allreduce algorithms side by side (docs/allreduce_algorithms.md)
+for link in "${links[@]}"; do
+    echo "== allreduce algorithms on $link"
+    run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.algorithms --link "$link" \
+        --json-out "$OUT/algorithms_$link.json" --md-out "$OUT/algorithms_$link.md" \
+        --plot "$OUT/algorithms_$link.png" > /dev/null
+done
+
+# Faults: stalls, dead ranks, bad checkpoints, restarts (docs/faults.md)
+echo "== faults"
+"$PY" bench/faults.py --json-out "$OUT/faults_2ranks.json" > /dev/null
+
 # Ensembles, stragglers, background checkpoints (docs/ensemble.md, docs/stragglers.md)
 echo "== ensemble (shared vs separate pipeline)"
 "$PY" -m bench.ensemble --json-out "$OUT/ensemble.json" > /dev/null
