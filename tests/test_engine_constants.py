@@ -74,9 +74,10 @@ def test_max_inflight_bound_is_max_slots():
 def test_trace_and_states_use_the_same_names():
     with Exchanger(MPI.COMM_SELF, trace=True, stall_warn_s=None) as ex:
         a = np.arange(8, dtype=np.float32)
-        out = np.empty_like(a)
-        handles = [ex.allreduce_async(a.copy()), ex.reduce_scatter_async(a, out.copy()),
-                   ex.allgather_async(a, out), ex.alltoall_async(a, np.empty_like(a))]
+        # every request its own arrays: one still in flight may not be posted again
+        handles = [ex.allreduce_async(a.copy()), ex.reduce_scatter_async(a.copy(), np.empty_like(a)),
+                   ex.allgather_async(a.copy(), np.empty_like(a)),
+                   ex.alltoall_async(a.copy(), np.empty_like(a))]
         for h in handles:
             h.wait()
             assert h._request.state() == _progress.STATES["done"]
