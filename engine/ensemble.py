@@ -46,9 +46,6 @@ from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnn.data import (
     DatasetError,
     SyntheticDataset,
-    load_cifar10,
-    load_digits,
-    load_mnist,
     normalize_cifar10,
 )
 from cnn.optim import SGD
@@ -61,6 +58,7 @@ from engine.train import (
     ConfigError,
     abort_the_job,
     default_threads,
+    load_arrays,
     make_schedule,
     strategy_options,
 )
@@ -230,20 +228,7 @@ def load_pipeline_data(args, input_shape, num_classes):
                                 seed=args.data_seed + 1)
         xte, yte = test.read(np.arange(len(test)))
         return train.read, len(train), normalize_cifar10(xte), yte, normalize_cifar10
-    if args.dataset == "digits":
-        (xtr, ytr), (xte, yte) = load_digits("train"), load_digits("test")
-        normalize = None
-    elif args.dataset == "mnist":
-        (xtr, ytr), (xte, yte) = load_mnist(args.data_dir, "train"), load_mnist(args.data_dir,
-                                                                              "test")
-        normalize = None
-    else:
-        (xtr, ytr), (xte, yte) = (load_cifar10(args.data_dir, "train"),
-                                  load_cifar10(args.data_dir, "test"))
-        normalize = normalize_cifar10
-    if tuple(xtr.shape[1:]) != tuple(input_shape):
-        raise ConfigError(f"model {args.model!r} takes inputs {tuple(input_shape)} but dataset "
-                          f"{args.dataset!r} has {tuple(xtr.shape[1:])}")
+    xtr, ytr, xte, yte, normalize = load_arrays(args, input_shape)
     xte = normalize(xte) if normalize is not None else xte
     return (lambda idx: (xtr[idx], ytr[idx])), len(xtr), np.asarray(xte, np.float32), yte, \
         normalize

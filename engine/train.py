@@ -178,13 +178,9 @@ def check_checkpoint_dir(directory: Path, comm) -> None:
         raise ConfigError(f"--checkpoint-dir {directory}: cannot write there: {failure}")
 
 
-def load_data(args, input_shape, num_classes):
-    """(train_get, n_train, test_get, n_test): getters from indices to (x float32, y)."""
-    if args.dataset == "synthetic":
-        train = SyntheticDataset(args.synthetic_size, input_shape, num_classes, seed=args.seed)
-        test = SyntheticDataset(max(args.synthetic_size // 8, 1), input_shape, num_classes,
-                                seed=args.seed + 1)
-        return train.__getitem__, len(train), test.__getitem__, len(test)
+def load_arrays(args, input_shape):
+    """(x_train, y_train, x_test, y_test, prepare) of a dataset stored on disk or
+    embedded (digits, mnist, cifar10); `prepare` (or None) normalises a batch."""
     if args.dataset == "digits":
         (xtr, ytr), (xte, yte) = load_digits("train"), load_digits("test")
         prepare = None
@@ -199,6 +195,17 @@ def load_data(args, input_shape, num_classes):
     if tuple(xtr.shape[1:]) != tuple(input_shape):
         raise ConfigError(f"model {args.model!r} takes inputs {tuple(input_shape)} but dataset "
                           f"{args.dataset!r} has {tuple(xtr.shape[1:])}")
+    return xtr, ytr, xte, yte, prepare
+
+
+def load_data(args, input_shape, num_classes):
+    """(train_get, n_train, test_get, n_test): getters from indices to (x float32, y)."""
+    if args.dataset == "synthetic":
+        train = SyntheticDataset(args.synthetic_size, input_shape, num_classes, seed=args.seed)
+        test = SyntheticDataset(max(args.synthetic_size // 8, 1), input_shape, num_classes,
+                                seed=args.seed + 1)
+        return train.__getitem__, len(train), test.__getitem__, len(test)
+    xtr, ytr, xte, yte, prepare = load_arrays(args, input_shape)
 
     def getter(x, y):
         def get(idx):
