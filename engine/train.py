@@ -333,7 +333,8 @@ def run(args, comm) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
-    saved = {"iteration": start if args.resume else None}
+    # the last checkpoint known to be on disk, and (async) the one submitted last
+    saved = {"iteration": start if args.resume else None, "pending": None}
     writer = AsyncCheckpointWriter() if (args.checkpoint_async and rank == 0) else None
     save = writer.submit if writer is not None else save_checkpoint
 
@@ -357,14 +358,21 @@ def run(args, comm) -> dict:
         status = np.array([len(failure) > 0], np.int64)
         trainer.exchanger.wait_mpi(comm.Ibcast(status, root=0), "the checkpoint barrier")
         if status[0]:
+            # async: what failed is the write submitted last time, not this one
+            failed = saved["pending"] if args.checkpoint_async else iteration
             kept = ("the previous checkpoint (iteration "
                     f"{saved['iteration']}) is intact" if saved["iteration"] is not None
                     else "no earlier checkpoint exists")
             raise CheckpointWriteError(
-                f"could not write checkpoint {ckpt_path} at iteration {iteration}: "
+                f"could not write checkpoint {ckpt_path} at iteration {failed}: "
                 f"{failure if rank == 0 else 'see rank 0'}; {kept}. Free space or fix "
                 f"the directory's permissions, then rerun with --resume")
-        saved["iteration"] = iteration
+        if args.checkpoint_async:       # this submit succeeding proves the last one landed
+            if saved["pending"] is not None:
+                saved["iteration"] = saved["pending"]
+            saved["pending"] = iteration
+        else:
+            saved["iteration"] = iteration
 
     metrics = {"iteration": start}
     stalled = False
