@@ -49,6 +49,37 @@ def test_a_failed_write_is_raised_on_the_next_call(tmp_path):
     assert writer.written == 1
 
 
+def test_snapshots_reuse_the_previous_arrays_once_written(tmp_path):
+    writer = AsyncCheckpointWriter()
+    w = np.zeros(1000, np.float32)
+    writer.submit(tmp_path / "a.npz", {"w": w}, optimizer={"m": [np.ones(3)]})
+    first = writer._last
+    w += 1
+    writer.submit(tmp_path / "b.npz", {"w": w}, optimizer={"m": [np.ones(3)]})
+    second = writer._last
+    assert second[0]["w"] is first[0]["w"]                # no new 100 MB allocation
+    assert second[1]["optimizer"]["m"][0] is first[1]["optimizer"]["m"][0]
+    writer.submit(tmp_path / "c.npz", {"w": np.zeros(7, np.float32)})     # shape changed
+    assert writer._last[0]["w"] is not first[0]["w"]
+    writer.close()
+    # the reuse came after each write had landed: every file holds its own state
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "a.npz").params["w"], 0)
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "b.npz").params["w"], 1)
+    assert load_checkpoint(tmp_path / "c.npz").params["w"].shape == (7,)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux scheduling policies")
+def test_the_writer_runs_at_idle_priority_and_the_caller_does_not(tmp_path):
+    before = os.sched_getscheduler(0)
+    with AsyncCheckpointWriter() as writer:
+        writer.submit(tmp_path / "c.npz", {"w": np.zeros(3)})
+    assert writer.priority in ("SCHED_IDLE", "nice 19")
+    assert os.sched_getscheduler(0) == before            # only the writer thread changed
+    with AsyncCheckpointWriter(background_priority=False) as writer:
+        writer.submit(tmp_path / "c.npz", {"w": np.zeros(3)})
+    assert writer.priority == ""
+
+
 CHILD = textwrap.dedent("""
     import io, sys, time
     import numpy as np

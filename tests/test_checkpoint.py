@@ -65,6 +65,29 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(ckpt.rng().random(8), rng.random(8))
 
 
+def test_archive_members_are_those_of_np_savez(tmp_path):
+    """The zero-copy writer stores exactly np.savez's members, byte for byte."""
+    arrays = {"f32": np.arange(12, dtype=np.float32).reshape(3, 4),
+              "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              "strided": np.arange(10, dtype=np.int16)[::3],
+              "scalar": np.array(7, np.int64), "flag": np.array(True),
+              "text": np.array("{\"json\": \"héllo\"}"), "empty": np.zeros((0, 3), np.float64),
+              "big_endian": np.arange(5, dtype=">f8")}
+    with open(tmp_path / "ours.npz", "wb") as f:
+        checkpoint._write_arrays(f, arrays)
+    np.savez(tmp_path / "numpy.npz", allow_pickle=False, **arrays)
+    with zipfile.ZipFile(tmp_path / "ours.npz") as ours, \
+            zipfile.ZipFile(tmp_path / "numpy.npz") as reference:
+        assert ours.namelist() == reference.namelist()
+        for name in reference.namelist():
+            assert ours.getinfo(name).compress_type == zipfile.ZIP_STORED
+            assert ours.read(name) == reference.read(name), name
+    loaded = np.load(tmp_path / "ours.npz", allow_pickle=False)
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        np.testing.assert_array_equal(loaded[name], array)
+
+
 def test_minimal_checkpoint_and_exact_path(tmp_path):
     path = tmp_path / "model.ckpt"   # no .npz appended
     save_checkpoint(path, {"w": np.arange(3.0)})

@@ -506,11 +506,11 @@ class Multistep(Strategy):
         for piece in self.all_pieces():
             fc = self.transposed.get(piece.key)
             if fc is None:
-                gathered[piece.key] = np.zeros(piece.data.size, np.float32)
+                gathered[piece.key] = np.empty(piece.data.size, np.float32)
                 handles.append(self.exchanger.allgather_async(self.momentum[piece.key],
                                                               gathered[piece.key]))
             else:       # rows of the transpose, back to torch's (N_out, N_in) afterwards
-                gathered[piece.key] = np.zeros(fc.layer.weight.data.shape[::-1], np.float32)
+                gathered[piece.key] = np.empty(fc.layer.weight.data.shape[::-1], np.float32)
                 handles.append(self.exchanger.allgather_async(
                     self.momentum[piece.key], gathered[piece.key], rows=True))
         for h in handles:
@@ -521,8 +521,8 @@ class Multistep(Strategy):
                 full[piece.key] = np.ascontiguousarray(gathered[piece.key].T).reshape(-1)
                 continue
             offset = 0
-            for p in piece.params:      # a unit's flat momentum, split by parameter
-                full[p.name] = gathered[piece.key][offset:offset + p.data.size].copy()
+            for p in piece.params:      # a unit's flat momentum, split by parameter (views)
+                full[p.name] = gathered[piece.key][offset:offset + p.data.size]
                 offset += p.data.size
         state["momentum_buffers"] = full
         state["lr"] = self.optimizer.lr
