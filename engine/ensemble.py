@@ -12,10 +12,14 @@ in the same order (``--data-seed``); only initialisation and learning rate
 differ.
 
 ``--pipeline shared`` (default): rank 0 reads, decodes and augments each
-global batch once and scatters every rank its shard, posted a step ahead so
-the delivery overlaps compute (engine/pipeline.py). ``--pipeline separate``:
-every member runs its own pipeline for its shards, as K independent jobs
-would. Both give bitwise the same batches and the same weights.
+global batch once and scatters every rank its shard, posted
+``--pipeline-depth - 1`` steps ahead so the delivery overlaps compute and
+members may run ahead of rank 0 (engine/pipeline.py). ``--pipeline
+separate``: every member runs its own pipeline for its shards, as K
+independent jobs would. Both give bitwise the same batches and the same
+weights; both make their batches ``--prefetch`` steps ahead on a background
+thread. The reported ``cpu_s`` (all ranks, all threads), ``pipeline_cpu_s``
+and ``wall_s`` leave out the first ``--timing-warmup`` iterations.
 
 After every epoch each member's held-out accuracy and the ensemble's (class
 probabilities averaged over members) are printed; each member writes its own
