@@ -80,6 +80,29 @@ def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, cro
         group.Free()
 
 
+@pytest.mark.parametrize("depth", [2, 4])
+def test_members_run_depth_minus_one_steps_ahead_of_rank_0(depth):
+    """Rank 0 posts depth - 1 steps in start(); the others take them all before
+    rank 0 takes any (rank 0 sits in a barrier meanwhile), with the right data."""
+    k = WORLD.size      # one rank per member
+    _, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
+    pipeline = digits_pipeline(1)
+    positions = [(0, s) for s in range(depth + 1)]
+    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8), depth=depth)
+    shared.start(positions)
+    try:
+        if WORLD.rank != 0:
+            for epoch, step in positions[:depth - 1]:
+                x, y = shared.next()()
+                np.testing.assert_array_equal(x, pipeline.batch(epoch, step)[0])
+        WORLD.Barrier()
+        for epoch, step in positions[depth - 1 if WORLD.rank else 0:]:
+            x, y = shared.next()()
+            np.testing.assert_array_equal(y, pipeline.batch(epoch, step)[1])
+    finally:
+        shared.close()
+
+
 @pytest.mark.parametrize("k", MEMBER_COUNTS)
 def test_every_member_equals_its_standalone_run(k):
     """Member m of a shared-pipeline ensemble ends with bitwise the weights,
