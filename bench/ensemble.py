@@ -2,7 +2,7 @@
 
     python -m bench.ensemble --json-out bench/results/ensemble_lenet-cifar.json    # ~2 min, 2 cores
     python -m bench.ensemble --model resnet20 \\
-        --json-out bench/results/ensemble_resnet20.json                           # ~4 min, 2 cores
+        --json-out bench/results/ensemble_resnet20.json                           # ~2.5 min, 2 cores
     python -m bench.ensemble --quick                                              # smoke test
 
 For K = 1, 2, 4 members (one rank per member by default, `--ranks-per-member`),
