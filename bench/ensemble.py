@@ -10,8 +10,8 @@ each with `--pipeline shared` and `--pipeline separate`, `engine.ensemble`
 trains on CIFAR-shaped images stored one zlib stream per image (decode),
 randomly cropped and flipped, and normalised (the CIFAR recipe), in a fresh
 `mpiexec` job. The default member is LeNet-5 on 3 x 32 x 32 (`lenet-cifar`),
-whose training costs about as much CPU per image as the pipeline; resnet20
-costs ~100 times more, so its pipeline is ~1 % of the CPU.
+whose training costs ~4 times the pipeline's CPU per image (p/t ~0.24 on the
+2-core VM); resnet20's costs ~90 times, so its pipeline is ~1 % of the CPU.
 
 How it is measured: one untimed job first (it fills the numba cache), then
 `--rounds` rounds, each running every configuration once, shared and

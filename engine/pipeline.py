@@ -174,7 +174,9 @@ class Prefetcher:
 
     The pipeline's numpy, zlib and numba work releases the GIL for most of its
     time, so on a free core it overlaps the members' training (whose kernels
-    release the GIL too). The thread never calls MPI.
+    release the GIL too). The thread never calls MPI, and the pipeline's
+    steps are numpy and zlib only (no numba parallel kernel runs on two
+    threads at once).
 
     Parameters
     ----------

@@ -9,8 +9,9 @@ instead of RBF units. 61,706 parameters; no BatchNorm, no dropout.
 
 ``lenet_cifar`` is the same network on CIFAR-shaped 3 x 32 x 32 input, the
 paper's layout exactly (no padding, 32 -> 28 -> 14 -> 10 -> 5): 62,006
-parameters. It is the cheap member model of the ensemble benchmark, whose
-training costs about as much CPU per image as the data pipeline feeding it.
+parameters. It is the cheap member model of the ensemble benchmark: its
+training costs a few times the CPU per image of the data pipeline feeding
+it, where resnet20's costs ~100 times.
 
 ``digits`` is sized for the embedded 8 x 8 digits data set (1,797 images): it
 trains to >= 95 % held-out accuracy in a few seconds on one core and is the
