@@ -1,23 +1,36 @@
 """Ensemble training: one shared data pipeline vs one pipeline per member.
 
-    python -m bench.ensemble --json-out bench/results/ensemble.json     # ~3 min on 2 cores
-    python -m bench.ensemble --quick                                    # smoke test, ~30 s
+    python -m bench.ensemble --json-out bench/results/ensemble_lenet-cifar.json    # ~2 min, 2 cores
+    python -m bench.ensemble --model resnet20 \\
+        --json-out bench/results/ensemble_resnet20.json                           # ~2.5 min, 2 cores
+    python -m bench.ensemble --quick                                              # smoke test
 
 For K = 1, 2, 4 members (one rank per member by default, `--ranks-per-member`),
-each with `--pipeline shared` and `--pipeline separate`, one epoch of
-`engine.ensemble` on CIFAR-shaped images stored one zlib stream per image
-(decode), randomly cropped and flipped, and normalised (the CIFAR recipe),
-in a fresh `mpiexec` job. One record per run:
+each with `--pipeline shared` and `--pipeline separate`, `engine.ensemble`
+trains on CIFAR-shaped images stored one zlib stream per image (decode),
+randomly cropped and flipped, and normalised (the CIFAR recipe), in a fresh
+`mpiexec` job. The default member is LeNet-5 on 3 x 32 x 32 (`lenet-cifar`),
+whose training costs ~4 times the pipeline's CPU per image (p/t ~0.24 on the
+2-core VM); resnet20's costs ~90 times, so its pipeline is ~1 % of the CPU.
 
-- cpu_s: CPU seconds of all ranks (user + system, all threads) during training;
-- pipeline_cpu_s: the part spent reading, decoding and augmenting;
-- wall_s: wall time of the epoch (the slowest rank);
-- img_s_per_member: images per second each member trained.
+How it is measured: one untimed job first (it fills the numba cache), then
+`--rounds` rounds, each running every configuration once, shared and
+separate alternating (their order flips every round); every number reported
+is the median over the rounds. Inside a job the first iteration (kernel
+loading) is left out (`engine.ensemble --timing-warmup`). One record per K
+and pipeline:
 
-The shared pipeline does the data work once instead of K times, so its
-pipeline CPU falls by K; the total falls by as much as the data work weighs
-against the members' compute. Writes JSON (`--json-out`), a markdown table
-next to it (.md) and a plot (.png). Nothing else is measured here.
+- cpu_s: CPU seconds of all ranks (user + system, all threads);
+- pipeline_cpu_s: the part spent reading, decoding and augmenting, and
+  pipeline_samples: the images it made meanwhile;
+- wait_s: seconds the ranks waited for their batch (summed);
+- wall_s: wall time (the slowest rank), img_s_per_member: images per second
+  each member trained;
+- cpu_factor: separate cpu_s / shared cpu_s at this K, next to its bound
+  K (p + t) / (p + K t), with p and t the pipeline's and the training's CPU
+  per image measured in the separate runs (p_over_t).
+
+Writes JSON (`--json-out`), a markdown table next to it (.md) and a plot (.png).
 """
 
 from __future__ import annotations
@@ -25,58 +38,116 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 from bench.common import write_results
+
+#: Iterations per job: a few seconds of training per member on one core.
+DEFAULT_ITERS = {"lenet-cifar": 200, "resnet20": 30}
+MEDIAN_KEYS = ("cpu_s", "pipeline_cpu_s", "pipeline_samples", "wait_s", "wall_s",
+               "img_s_per_member")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.ensemble", description=__doc__.split("\n")[0])
     p.add_argument("--members", default="1,2,4", help="comma-separated K values")
     p.add_argument("--ranks-per-member", type=int, default=1)
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--model", default="lenet-cifar", help="lenet-cifar or resnet20 (any CIFAR "
+                                                          "model of cnn.models)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch of every member")
-    p.add_argument("--iters", type=int, default=30, help="iterations (one epoch)")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"iterations per job (default {DEFAULT_ITERS}, else 30)")
+    p.add_argument("--rounds", type=int, default=3, help="repetitions of every configuration")
     p.add_argument("--crop-pad", type=int, default=4)
-    p.add_argument("--strategy", default="multistep")
-    p.add_argument("--quick", action="store_true", help="K = 1, 2 and 4 iterations")
+    p.add_argument("--strategy", default="blocking",
+                   help="gradient exchange inside a member (with one rank per member there is "
+                        "none, and blocking adds the least engine work to the training)")
+    p.add_argument("--prefetch", type=int, default=2, help="engine.ensemble --prefetch")
+    p.add_argument("--pipeline-depth", type=int, default=3,
+                   help="engine.ensemble --pipeline-depth")
+    p.add_argument("--quick", action="store_true", help="K = 1, 2; 6 iterations; one round")
     p.add_argument("--json", action="store_true", help="print the JSON list")
     p.add_argument("--json-out", metavar="FILE", help="write the JSON list here (+ .md, .png)")
     p.add_argument("--mpiexec", default=os.path.join(os.path.dirname(sys.executable), "mpiexec"))
     args = p.parse_args(argv)
     if args.quick:
-        args.members, args.iters = "1,2", 4
+        args.members, args.iters, args.rounds = "1,2", 6, 1
+    if args.iters is None:
+        args.iters = DEFAULT_ITERS.get(args.model, 30)
+    try:
+        args.ks = [int(v) for v in args.members.split(",")]
+    except ValueError:
+        p.error(f"--members {args.members!r}: expected comma-separated integers")
+    if min(args.ks) < 1 or args.rounds < 1 or args.iters < 2 or args.ranks_per_member < 1:
+        p.error("--members, --rounds and --ranks-per-member must be >= 1, --iters >= 2")
     return args
 
 
-def run_one(args, k: int, pipeline: str) -> dict:
-    ranks = k * args.ranks_per_member
-    command = [args.mpiexec, "-n", str(ranks), sys.executable, "-m", "engine.ensemble",
-               "--members", str(k), "--pipeline", pipeline, "--model", args.model,
-               "--dataset", "synthetic-cifar", "--crop-pad", str(args.crop_pad),
-               "--synthetic-size", str(args.batch_size * args.iters), "--epochs", "1",
-               "--batch-size", str(args.batch_size), "--strategy", args.strategy,
+def run_one(args, k: int, pipeline: str, iters: int | None = None) -> dict:
+    """One `engine.ensemble` job; its final JSON line."""
+    iters = iters or args.iters
+    command = [args.mpiexec, "-n", str(k * args.ranks_per_member), sys.executable, "-m",
+               "engine.ensemble", "--members", str(k), "--pipeline", pipeline,
+               "--model", args.model, "--dataset", "synthetic-cifar",
+               "--crop-pad", str(args.crop_pad), "--synthetic-size", str(args.batch_size * iters),
+               "--epochs", "1", "--batch-size", str(args.batch_size),
+               "--strategy", args.strategy, "--prefetch", str(args.prefetch),
+               "--pipeline-depth", str(args.pipeline_depth), "--timing-warmup", "1",
                "--threads", "1", "--no-eval", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "NUMBA_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"bench.ensemble: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"members": k, "pipeline": pipeline, "ranks": ranks, "model": args.model,
-            "batch_size": args.batch_size, "iters": args.iters,
-            "cpu_s": round(result["cpu_s"], 3), "pipeline_cpu_s": round(result["pipeline_cpu_s"], 4),
-            "wall_s": round(result["wall_s"], 3),
-            "img_s_per_member": round(result["img_s_per_member"], 2)}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(args, k: int, pipeline: str, runs: list) -> dict:
+    """The record of one configuration: medians over its rounds, rounds kept."""
+    record = {"members": k, "pipeline": pipeline, "ranks": k * args.ranks_per_member,
+              "model": args.model, "batch_size": args.batch_size, "iters": args.iters,
+              "timed_iters": runs[0]["timed_iters"], "rounds": len(runs),
+              "prefetch": args.prefetch, "pipeline_depth": args.pipeline_depth}
+    for key in MEDIAN_KEYS:
+        record[key] = round(statistics.median(r[key] for r in runs), 4)
+    record["runs"] = [{key: round(r[key], 4) for key in MEDIAN_KEYS} for r in runs]
+    return record
+
+
+def add_factors(records: list) -> None:
+    """cpu_factor, p_over_t and the factor's bound on both records of every K."""
+    for k in sorted({r["members"] for r in records}):
+        shared, separate = (next(r for r in records if r["members"] == k and r["pipeline"] == p)
+                            for p in ("shared", "separate"))
+        # CPU per image, from the separate run (K pipelines, K trainings); the
+        # pipeline runs a few batches ahead, so its images are counted.
+        images = k * separate["timed_iters"] * separate["batch_size"]
+        p = separate["pipeline_cpu_s"] / max(separate["pipeline_samples"], 1)
+        t = (separate["cpu_s"] - separate["pipeline_cpu_s"]) / images
+        ratio = p / t if t > 0 else float("nan")
+        factor = separate["cpu_s"] / shared["cpu_s"] if shared["cpu_s"] > 0 else float("nan")
+        for r in (shared, separate):
+            r["p_over_t"] = round(ratio, 4)
+            r["cpu_factor"] = round(factor, 3)
+            r["cpu_factor_bound"] = round(k * (1 + ratio) / (ratio + k), 3)
 
 
 def table(rows) -> str:
-    lines = ["| members | pipeline | ranks | CPU s (all ranks) | pipeline CPU s | wall s / epoch "
-             "| img/s per member |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['members']} | {r['pipeline']} | {r['ranks']} | {r['cpu_s']:.2f} | "
-              f"{r['pipeline_cpu_s']:.3f} | {r['wall_s']:.2f} | {r['img_s_per_member']:.1f} |"
-              for r in rows]
+    lines = ["| model | K | pipeline | CPU s (all ranks) | pipeline CPU s | wait s | wall s "
+             "| img/s per member | p/t | CPU factor (bound) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        factor = (f"{r['cpu_factor']:.2f} ({r['cpu_factor_bound']:.2f})"
+                  if r["pipeline"] == "shared" else "")
+        lines.append(f"| {r['model']} | {r['members']} | {r['pipeline']} | {r['cpu_s']:.2f} | "
+                     f"{r['pipeline_cpu_s']:.3f} | {r['wait_s']:.2f} | {r['wall_s']:.2f} | "
+                     f"{r['img_s_per_member']:.1f} | {r['p_over_t']:.3f} | {factor} |")
+    r0 = rows[0]
+    lines += ["", f"{r0['model']}, batch {r0['batch_size']}, {r0['timed_iters']} timed of "
+                  f"{r0['iters']} iterations, median of {r0['rounds']} alternating rounds; "
+                  "CPU factor = separate / shared CPU, bound K(p+t)/(p+Kt)."]
     return "\n".join(lines)
 
 
@@ -87,9 +158,8 @@ def plot(rows, path) -> None:
 
     ks = sorted({r["members"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, label in zip(axes, ("cpu_s", "pipeline_cpu_s", "img_s_per_member"),
-                              ("CPU seconds, all ranks", "pipeline CPU seconds",
-                               "images/s per member"), strict=True):
+    for ax, key, label in zip(axes[:2], ("cpu_s", "img_s_per_member"),
+                              ("CPU seconds, all ranks", "images/s per member"), strict=True):
         for offset, pipeline in ((-0.2, "shared"), (0.2, "separate")):
             values = [next((r[key] for r in rows if r["members"] == k
                             and r["pipeline"] == pipeline), 0) for k in ks]
@@ -97,17 +167,33 @@ def plot(rows, path) -> None:
         ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
         ax.set_title(label)
     axes[0].legend()
+    shared = [next(r for r in rows if r["members"] == k and r["pipeline"] == "shared") for k in ks]
+    axes[2].plot(ks, [r["cpu_factor"] for r in shared], "o-", label="measured")
+    axes[2].plot(ks, [r["cpu_factor_bound"] for r in shared], "k--", label="K(p+t)/(p+Kt)")
+    axes[2].set_xticks(ks)
+    axes[2].set_xlabel("members K")
+    axes[2].set_title(f"CPU factor separate / shared ({rows[0]['model']})")
+    axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = []
-    for k in (int(v) for v in args.members.split(",")):
-        for pipeline in ("shared", "separate"):
-            rows.append(run_one(args, k, pipeline))
-            print(f"bench.ensemble: K={k} {pipeline}: {rows[-1]}", file=sys.stderr)
+    # Untimed: compiles (or loads) every numba kernel of this model into the cache.
+    run_one(args, 1, "shared", iters=2)
+    runs = {(k, p): [] for k in args.ks for p in ("shared", "separate")}
+    for i in range(args.rounds):
+        order = ("shared", "separate") if i % 2 == 0 else ("separate", "shared")
+        for k in args.ks:
+            for pipeline in order:
+                result = run_one(args, k, pipeline)
+                runs[k, pipeline].append(result)
+                print(f"bench.ensemble: round {i + 1}/{args.rounds} K={k} {pipeline}: "
+                      f"cpu {result['cpu_s']:.2f} s, wall {result['wall_s']:.2f} s, "
+                      f"{result['img_s_per_member']:.1f} img/s per member", file=sys.stderr)
+    rows = [summarise(args, k, p, runs[k, p]) for k in args.ks for p in ("shared", "separate")]
+    add_factors(rows)
     if args.json_out:
         write_results(rows, args.json_out, table(rows), plot)
     print(json.dumps(rows) if args.json else table(rows))

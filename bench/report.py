@@ -212,7 +212,12 @@ def simulate_section():
 
 
 def ensemble_section(rows):
+    """Shared vs separate pipeline; the sound measurements (medians of rounds,
+    with CPU factors) replace the earlier single-round rows once there are any."""
     rows = [r for r in rows if "img_s_per_member" in r]
+    sound = [r for r in rows if "cpu_factor" in r]
+    if sound:
+        return ensemble_factor_section(sound)
     if not rows:
         return []
     r0 = rows[0]
@@ -230,6 +235,36 @@ def ensemble_section(rows):
     lines.append("")
     if os.path.exists(os.path.join(RESULTS, "ensemble.png")):
         lines += ["![ensemble](bench/results/ensemble.png)", ""]
+    return lines
+
+
+def ensemble_factor_section(rows):
+    """One row per model and K: both pipelines' CPU and img/s, the factor and its bound."""
+    r0 = rows[0]
+    lines = ["### Ensemble training: shared vs separate data pipeline (bench/ensemble.py)", "",
+             f"`python -m bench.ensemble [--model M]`: K members, one rank each, "
+             f"{r0['timed_iters']} timed steps of {r0['batch_size']} CIFAR-shaped images (zlib "
+             "decode, random crop + flip, normalisation), median of "
+             f"{r0['rounds']} alternating rounds. p/t: the pipeline's CPU per image over the "
+             "training's; the CPU factor (separate / shared) is bounded by K(p+t)/(p+Kt) "
+             "(docs/ensemble.md).", "",
+             "| model | K | p/t | CPU s shared | CPU s separate | CPU factor (bound) "
+             "| img/s per member shared | separate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(r["model"], r["members"]) for r in rows})
+    for model, k in keys:
+        pair = {r["pipeline"]: r for r in rows if r["model"] == model and r["members"] == k}
+        if set(pair) != {"shared", "separate"}:
+            continue
+        shared, separate = pair["shared"], pair["separate"]
+        lines.append(f"| {model} | {k} | {shared['p_over_t']:.3f} | {shared['cpu_s']:.2f} | "
+                     f"{separate['cpu_s']:.2f} | {shared['cpu_factor']:.2f} "
+                     f"({shared['cpu_factor_bound']:.2f}) | {shared['img_s_per_member']:.1f} | "
+                     f"{separate['img_s_per_member']:.1f} |")
+    lines.append("")
+    for model in sorted({m for m, _ in keys}):
+        if os.path.exists(os.path.join(RESULTS, f"ensemble_{model}.png")):
+            lines += [f"![ensemble {model}](bench/results/ensemble_{model}.png)", ""]
     return lines
 
 

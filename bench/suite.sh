@@ -108,7 +108,8 @@ echo "== faults"
 
 # Ensembles, stragglers, background checkpoints (docs/ensemble.md, docs/stragglers.md)
 echo "== ensemble (shared vs separate pipeline)"
-"$PY" -m bench.ensemble --json-out "$OUT/ensemble.json" > /dev/null
+"$PY" -m bench.ensemble --json-out "$OUT/ensemble_lenet-cifar.json" > /dev/null
+"$PY" -m bench.ensemble --model resnet20 --json-out "$OUT/ensemble_resnet20.json" > /dev/null
 echo "== stragglers"
 "$MPIEXEC" -n 2 "$PY" -m bench.stragglers $([ "$mode" = full ] && echo --full) \
     --json-out "$OUT/stragglers.json" > /dev/null

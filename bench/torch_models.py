@@ -11,6 +11,7 @@ parity tests (tests/test_torch_parity.py).
 MODELS = {
     "digits": ((1, 8, 8), 10),
     "lenet": ((1, 28, 28), 10),
+    "lenet-cifar": ((3, 32, 32), 10),
     "resnet20": ((3, 32, 32), 10),
     "vgg16-cifar": ((3, 32, 32), 10),
     "vgga": ((3, 224, 224), 1000),
@@ -132,9 +133,10 @@ def build_torch_model(name, num_classes=None):
             "conv1": nn.Conv2d(1, 16, 3, padding=1), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
             "conv2": nn.Conv2d(16, 32, 3, padding=1), "relu2": nn.ReLU(), "flatten": nn.Flatten(),
             "fc": nn.Linear(512, classes)}))
-    if name == "lenet":
+    if name in ("lenet", "lenet-cifar"):
+        first = nn.Conv2d(1, 6, 5, padding=2) if name == "lenet" else nn.Conv2d(3, 6, 5)
         return nn.Sequential(OrderedDict({
-            "conv1": nn.Conv2d(1, 6, 5, padding=2), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
+            "conv1": first, "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
             "conv2": nn.Conv2d(6, 16, 5), "relu2": nn.ReLU(), "pool2": nn.MaxPool2d(2),
             "flatten": nn.Flatten(), "fc1": nn.Linear(400, 120), "relu3": nn.ReLU(),
             "fc2": nn.Linear(120, 84), "relu4": nn.ReLU(), "fc3": nn.Linear(84, classes)}))

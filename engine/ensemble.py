@@ -12,10 +12,14 @@ in the same order (``--data-seed``); only initialisation and learning rate
 differ.
 
 ``--pipeline shared`` (default): rank 0 reads, decodes and augments each
-global batch once and scatters every rank its shard, posted a step ahead so
-the delivery overlaps compute (engine/pipeline.py). ``--pipeline separate``:
-every member runs its own pipeline for its shards, as K independent jobs
-would. Both give bitwise the same batches and the same weights.
+global batch once and scatters every rank its shard, posted
+``--pipeline-depth - 1`` steps ahead so the delivery overlaps compute and
+members may run ahead of rank 0 (engine/pipeline.py). ``--pipeline
+separate``: every member runs its own pipeline for its shards, as K
+independent jobs would. Both give bitwise the same batches and the same
+weights; both make their batches ``--prefetch`` steps ahead on a background
+thread. The reported ``cpu_s`` (all ranks, all threads), ``pipeline_cpu_s``
+and ``wall_s`` leave out the first ``--timing-warmup`` iterations.
 
 After every epoch each member's held-out accuracy and the ensemble's (class
 probabilities averaged over members) are printed; each member writes its own
@@ -32,7 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -81,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--members-file", default=None,
                    help='JSON list [{"seed": S, "lr": LR}, ...], one object per member')
     p.add_argument("--pipeline", default="shared", help=f"one of {', '.join(PIPELINES)}")
+    p.add_argument("--pipeline-depth", type=int, default=3,
+                   help="shared: receive buffers per rank; scatters are posted this many steps "
+                        "minus one ahead, so members run that far ahead of rank 0 (>= 2)")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="batches the pipeline makes ahead on a background thread (either "
+                        "pipeline; 0: on the training thread)")
     p.add_argument("--model", default="digits", help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
@@ -117,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lazy-interval", type=int, default=1)
     p.add_argument("--lazy-fixed-interval", action="store_true")
     p.add_argument("--bn-stats", default="average", choices=("average", "local"))
+    p.add_argument("--timing-warmup", type=int, default=1,
+                   help="iterations left out of the reported CPU and wall times (kernel "
+                        "loading); never the last one")
     p.add_argument("--no-eval", action="store_true", help="skip held-out evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -195,8 +208,15 @@ def check_config(args, size: int, specs) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    if args.crop_pad < 0 or args.checkpoint_every < 0 or args.warmup_iters < 0:
-        raise ConfigError("--crop-pad, --checkpoint-every and --warmup-iters must be >= 0")
+    if args.crop_pad < 0 or args.checkpoint_every < 0 or args.warmup_iters < 0 \
+            or args.prefetch < 0:
+        raise ConfigError("--crop-pad, --checkpoint-every, --warmup-iters and --prefetch "
+                          "must be >= 0")
+    if args.timing_warmup < 0:
+        raise ConfigError(f"--timing-warmup must be >= 0, got {args.timing_warmup}")
+    if args.pipeline_depth < 2:
+        raise ConfigError(f"--pipeline-depth must be >= 2 (double buffering), got "
+                          f"{args.pipeline_depth}")
     if args.momentum < 0 or args.weight_decay < 0:
         raise ConfigError("--momentum and --weight-decay must be >= 0")
     if args.resume and not args.checkpoint_dir:
@@ -347,12 +367,15 @@ def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, l
     rank, k = comm.Get_rank(), len(specs)
     if args.pipeline == "shared":
         delivery = SharedDelivery(pipeline, comm, local_rank, group_size,
-                                  models.MODELS[args.model].input_shape)
+                                  models.MODELS[args.model].input_shape,
+                                  depth=args.pipeline_depth, prefetch=args.prefetch)
         # Between layers MPI gets a chance to move the scatters in flight.
         hooks = [m["model"].register_pre_forward_hook(lambda i, layer: delivery.progress())
                  for m in members]
     else:
-        delivery, hooks = SeparateDelivery(pipeline, local_rank, group_size), []
+        delivery = SeparateDelivery(pipeline, local_rank, group_size, copies=len(members),
+                                    prefetch=args.prefetch)
+        hooks = []
     positions = [divmod(it, steps) for it in range(start, total)]
     if args.checkpoint_dir and local_rank == 0:
         for m in members:
@@ -380,11 +403,18 @@ def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, l
         comm.Barrier()     # nobody reads a checkpoint before it is complete
 
     metrics = {"iteration": start, "members": specs}
-    cpu0, wall0 = os.times(), time.monotonic()
+    # The first steps load the numba kernels from their cache (~0.15 s for
+    # LeNet, as long as 20 of its steps): the clocks start after them.
+    untimed = min(args.timing_warmup, max(len(positions) - 1, 0))
+    clock = Clock(pipeline)
     try:
         delivery.start(positions)
         for it, (epoch, step) in enumerate(positions, start):
+            if it - start == untimed:
+                clock.start()
+            waited = time.monotonic()
             batch = delivery.next()
+            clock.wait_s += time.monotonic() - waited
             for m in members:
                 m["optimizer"].lr = m["schedule"](it)
                 m["loss"] = m["trainer"].step(*batch())
@@ -419,17 +449,18 @@ def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, l
                 checkpoint(it + 1)
         for m in members:
             m["trainer"].synchronize()
-        wall = time.monotonic() - wall0
-        cpu1 = os.times()
-        cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-        done = len(positions)
+        cpu, pipeline_cpu, pipeline_samples, wall, wait = clock.stop()
+        timed = len(positions) - untimed
+        wall = comm.allreduce(wall, op=MPI.MAX)
         metrics.update({
             "iteration": total, "pipeline": args.pipeline, "ranks": comm.size,
+            "timed_iters": timed,
             "cpu_s": comm.allreduce(cpu, op=MPI.SUM),
-            "pipeline_cpu_s": comm.allreduce(pipeline.cpu_s, op=MPI.SUM),
-            "wall_s": comm.allreduce(wall, op=MPI.MAX),
-            "img_s_per_member": (args.batch_size * done / comm.allreduce(wall, op=MPI.MAX)
-                                 if done else 0.0)})
+            "pipeline_cpu_s": comm.allreduce(pipeline_cpu, op=MPI.SUM),
+            "pipeline_samples": comm.allreduce(pipeline_samples, op=MPI.SUM),
+            "wait_s": comm.allreduce(wait, op=MPI.SUM),
+            "wall_s": wall,
+            "img_s_per_member": args.batch_size * timed / wall if timed and wall else 0.0})
     finally:
         if bar is not None:
             bar.close()
@@ -437,6 +468,43 @@ def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, l
             h.remove()
         delivery.close()
     return metrics
+
+
+class Clock:
+    """This process's CPU (all threads), its pipeline's CPU and samples made,
+    wall time, and the wall time spent waiting for batches, from `start` to `stop`.
+
+    The pipeline runs a few batches ahead of training (prefetch, scatters in
+    flight), so the samples it made in the window are counted, not assumed.
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.wait_s = 0.0
+        self.start()
+
+    @staticmethod
+    def process_cpu_s() -> float:
+        """User + system CPU seconds of all this process's threads (getrusage: finer
+        than the clock ticks of os.times)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start(self) -> None:
+        self._cpu, self._wall = self.process_cpu_s(), time.monotonic()
+        self._pipeline = (self.pipeline.cpu_s, self.pipeline.samples)
+        self.wait_s = 0.0
+
+    def stop(self) -> tuple[float, float, int, float, float]:
+        """(cpu_s, pipeline_cpu_s, pipeline_samples, wall_s, wait_s) since `start`."""
+        cpu = self.process_cpu_s() - self._cpu
+        return (cpu, self.pipeline.cpu_s - self._pipeline[0],
+                self.pipeline.samples - self._pipeline[1], time.monotonic() - self._wall,
+                self.wait_s)
 
 
 def main(argv=None) -> int:

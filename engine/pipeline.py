@@ -4,13 +4,21 @@ and how its batches reach the members (engine/ensemble.py).
 Two deliveries with the same interface and bitwise the same batches:
 
 - `SharedDelivery`: rank 0 runs the pipeline once per global batch and every
-  rank receives its shard with a non-blocking ``MPI_Iscatter`` posted one step
-  ahead (double buffering), so the transfer overlaps the members' compute.
-  Ranks of different members with the same rank inside their member receive
-  the same shard; the pipeline work is done once for all K members.
+  rank receives its shard with a non-blocking ``MPI_Iscatter`` posted
+  ``depth - 1`` steps ahead, so the transfer overlaps the members' compute and
+  a member may run ahead of rank 0 by that many steps. Ranks of different
+  members with the same rank inside their member receive the same shard; the
+  pipeline work is done once for all K members.
 - `SeparateDelivery`: every rank runs the pipeline for its own shard, once per
   member it trains: K pipelines doing the same reading, decoding and
   augmentation, the baseline of Pittman et al. (SC18).
+
+Both make their batches ahead on a background thread (`Prefetcher`) while
+the members train, so the pipeline's CPU leaves the members' critical path
+where a core is free, in the baseline as in the shared pipeline. A rank
+waiting for its shard sleeps between tests of the scatter (`wait_quietly`):
+MPICH's ``MPI_Waitall`` spins, and a member that is ahead would otherwise
+burn the CPU the shared pipeline saves.
 
 What makes the two equal: the augmentation's random draws (crop offsets and
 flips) are made for the whole global batch from a generator seeded by
@@ -20,6 +28,8 @@ rank computes it (`cnn.data.crop_flip`).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import zlib
 from collections import deque
@@ -29,7 +39,8 @@ from mpi4py import MPI
 
 from cnn.data import ShardedSampler, crop_flip
 
-__all__ = ["CompressedImages", "Pipeline", "SeparateDelivery", "SharedDelivery"]
+__all__ = ["CompressedImages", "Pipeline", "Prefetcher", "SeparateDelivery", "SharedDelivery",
+           "wait_quietly"]
 
 
 class CompressedImages:
@@ -94,7 +105,10 @@ class Pipeline:
     Attributes
     ----------
     cpu_s : float
-        CPU seconds this process spent in `batch` (thread time).
+        CPU seconds this process spent in `batch` (thread time, summed over
+        the threads that called it).
+    samples : int
+        Samples `batch` has made (a shard counts its own samples).
     """
 
     def __init__(self, read, size: int, global_batch: int, seed: int, crop_pad: int = 0,
@@ -107,6 +121,8 @@ class Pipeline:
         self.crop_pad = crop_pad
         self.normalize = normalize
         self.cpu_s = 0.0
+        self.samples = 0
+        self._cpu_lock = threading.Lock()      # batch may run on a prefetch thread too
 
     def batch(self, epoch: int, step: int, lo: int = 0, hi: int | None = None):
         """Samples ``lo:hi`` of the global batch at (epoch, step).
@@ -130,8 +146,102 @@ class Pipeline:
             x = self.normalize(x)
         x = np.ascontiguousarray(x, np.float32)
         y = np.ascontiguousarray(y, np.int64)
-        self.cpu_s += time.thread_time() - start
+        with self._cpu_lock:
+            self.cpu_s += time.thread_time() - start
+            self.samples += hi - lo
         return x, y
+
+
+def wait_quietly(requests, first_sleep_s: float = 20e-6, max_sleep_s: float = 1e-3) -> None:
+    """Complete `requests`, sleeping between ``MPI_Testall`` calls instead of spinning.
+
+    MPICH's ``MPI_Waitall`` polls at full speed: a member waiting for rank 0's
+    next batch would burn a core doing nothing. The sleep doubles from
+    `first_sleep_s` up to `max_sleep_s`, which bounds the delay added to a
+    wait (Linux oversleeps by ~50-60 us) while a wait costs a few tests of CPU.
+    Each test also lets MPI move the transfer (rendezvous needs the root's
+    progress as much as the receiver's).
+    """
+    delay = first_sleep_s
+    while not MPI.Request.Testall(requests):
+        time.sleep(delay)
+        delay = min(2 * delay, max_sleep_s)
+
+
+class Prefetcher:
+    """Runs ``produce(position)`` for a sequence of positions on a background
+    thread, up to `depth` results ahead of `get`.
+
+    The pipeline's numpy, zlib and numba work releases the GIL for most of its
+    time, so on a free core it overlaps the members' training (whose kernels
+    release the GIL too). The thread never calls MPI, and the pipeline's
+    steps are numpy and zlib only (no numba parallel kernel runs on two
+    threads at once).
+
+    Parameters
+    ----------
+    produce : callable(position) -> object
+    positions : iterable of (epoch, step)
+    depth : int
+        Results made ahead; 0 makes each in `get`, on the calling thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, produce, positions, depth: int):
+        if depth < 0:
+            raise ValueError(f"Prefetcher: depth must be >= 0, got {depth}")
+        self._produce = produce
+        self._positions = iter(positions)
+        self._thread = None
+        if depth:
+            self._queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="pipeline-prefetch",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for position in self._positions:
+                item = (self._produce(position), None)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            item = (self._DONE, None)
+        except BaseException as e:     # re-raised on the consuming thread by get()
+            item = (None, e)
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        """The next position's result; StopIteration after the last one."""
+        if self._thread is None:
+            position = next(self._positions)
+            return self._produce(position)
+        result, error = self._queue.get()
+        if error is not None:
+            raise error
+        if result is self._DONE:
+            self._queue.put((self._DONE, None))     # later calls stop too
+            raise StopIteration
+        return result
+
+    def close(self) -> None:
+        """Stop the thread (it may be in the middle of a batch; that one is dropped)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
 
 
 class SeparateDelivery:
@@ -143,31 +253,51 @@ class SeparateDelivery:
     local_rank, group_size : int
         This rank's place in its member's group; its shard is samples
         ``local_rank * B/G : (local_rank + 1) * B/G`` of each global batch.
+    copies : int, default 1
+        Members trained on this rank: each runs its own pipeline, so each
+        step's shard is made this many times.
+    prefetch : int, default 0
+        Steps made ahead on a background thread (`Prefetcher`); 0: each shard
+        is made when its member asks for it.
     """
 
-    def __init__(self, pipeline: Pipeline, local_rank: int, group_size: int):
+    def __init__(self, pipeline: Pipeline, local_rank: int, group_size: int, copies: int = 1,
+                 prefetch: int = 0):
+        if copies < 1:
+            raise ValueError(f"SeparateDelivery: copies must be >= 1, got {copies}")
         self.pipeline = pipeline
         shard = pipeline.global_batch // group_size
         self.lo, self.hi = local_rank * shard, (local_rank + 1) * shard
+        self.copies = copies
+        self.prefetch = prefetch
+        self._prefetcher = None
+
+    def _make(self, position) -> list:
+        return [self.pipeline.batch(*position, self.lo, self.hi) for _ in range(self.copies)]
 
     def start(self, positions) -> None:
         """The (epoch, step) sequence to deliver, identical on every rank."""
-        self._positions = iter(positions)
+        self.close()
+        self._prefetcher = Prefetcher(self._make, positions, self.prefetch)
 
     def next(self):
-        """A function returning this rank's (x, y) of the next step, run per member."""
-        epoch, step = next(self._positions)
-        return lambda: self.pipeline.batch(epoch, step, self.lo, self.hi)
+        """A function returning this rank's (x, y) of the next step: one call
+        per member, each with its own pipeline's copy."""
+        copies = iter(self._prefetcher.get())
+        return lambda: next(copies)
 
     def progress(self) -> None:
         """Nothing in flight."""
 
     def close(self) -> None:
-        pass
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
 
 class SharedDelivery:
-    """Rank 0 runs the pipeline; every rank gets its shard by ``Iscatter``, a step ahead.
+    """Rank 0 runs the pipeline; every rank gets its shard by ``Iscatter``,
+    ``depth - 1`` steps ahead.
 
     Collective over `comm`: every rank must construct it, call `start`, and
     call `next` as often as the others.
@@ -182,47 +312,67 @@ class SharedDelivery:
         As in `SeparateDelivery`; every member has the same group size.
     sample_shape : tuple of int
         (C, H, W) of one sample, for the receive buffers.
-    depth : int, default 2
-        Receive buffers in use: 2 is double buffering (the next step's shard
-        arrives while this step computes on the other buffer).
+    depth : int, default 3
+        Receive buffers per rank, used round-robin (no allocation per step):
+        the scatters of the next ``depth - 1`` steps are in flight while this
+        step computes, so a member runs up to that many steps ahead of rank 0
+        before it waits (2 is double buffering, in lockstep with rank 0).
+    prefetch : int, default 2
+        Global batches rank 0 makes ahead on a background thread (0: on the
+        main thread, when the step is posted).
     """
 
     ROOT = 0
 
     def __init__(self, pipeline: Pipeline, comm, local_rank: int, group_size: int,
-                 sample_shape, depth: int = 2):
+                 sample_shape, depth: int = 3, prefetch: int = 2):
+        if depth < 2:
+            raise ValueError(f"SharedDelivery: depth must be >= 2 (double buffering), got {depth}")
+        if prefetch < 0:
+            raise ValueError(f"SharedDelivery: prefetch must be >= 0, got {prefetch}")
         self.pipeline = pipeline
         self.comm = comm.Dup()
         # Root sends shard local_rank(r) to rank r: ranks of different members
         # with the same local rank get the same samples.
-        self.shard_of_rank = self.comm.gather(local_rank, root=self.ROOT)
+        self.shard_of_rank = np.asarray(self.comm.gather(local_rank, root=self.ROOT))
         self.group_size = group_size
         self.shard = pipeline.global_batch // group_size
         self.sample_shape = tuple(sample_shape)
         self.depth = depth
+        self.prefetch = prefetch
+        self._x = np.empty((depth, self.shard, *self.sample_shape), np.float32)
+        self._y = np.empty((depth, self.shard), np.int64)
+        self._posted = self._remaining = 0
         self._pending = deque()
-        self._positions = iter(())
+        self._prefetcher = None
+
+    def _send_buffers(self, position):
+        """Rank 0: the batch at `position`, laid out as (size, B/G, ...) send buffers."""
+        bx, by = self.pipeline.batch(*position)
+        # Rank r's row is its shard; the copy lets every rank's row be one
+        # contiguous block of the scatter's send buffer.
+        return (bx.reshape(self.group_size, self.shard, *self.sample_shape)[self.shard_of_rank],
+                by.reshape(self.group_size, self.shard)[self.shard_of_rank])
 
     def start(self, positions) -> None:
         """Post the first ``depth - 1`` steps of the (epoch, step) sequence (every rank)."""
-        self._positions = iter(positions)
+        positions = list(positions)
+        self._remaining = len(positions)
+        if self.comm.rank == self.ROOT:
+            self._prefetcher = Prefetcher(self._send_buffers, positions, self.prefetch)
         for _ in range(self.depth - 1):
             self._post()
 
     def _post(self) -> None:
-        position = next(self._positions, None)
-        if position is None:
+        if not self._remaining:
             return
-        x = np.empty((self.shard, *self.sample_shape), np.float32)
-        y = np.empty(self.shard, np.int64)
+        self._remaining -= 1
+        slot = self._posted % self.depth
+        self._posted += 1
+        x, y = self._x[slot], self._y[slot]
         send_x = send_y = None
         if self.comm.rank == self.ROOT:
-            bx, by = self.pipeline.batch(*position)
-            shards = np.asarray(self.shard_of_rank)
-            # (size, B/G, ...): rank r's row is its shard; the copy lets every
-            # rank's row be one contiguous block of the scatter's send buffer.
-            send_x = bx.reshape(self.group_size, self.shard, *self.sample_shape)[shards]
-            send_y = by.reshape(self.group_size, self.shard)[shards]
+            send_x, send_y = self._prefetcher.get()
         requests = [self.comm.Iscatter(send_x, x, root=self.ROOT),
                     self.comm.Iscatter(send_y, y, root=self.ROOT)]
         # The send buffers stay referenced until the requests complete.
@@ -231,11 +381,12 @@ class SharedDelivery:
     def next(self):
         """Post the step ``depth - 1`` ahead, wait for this step's shard; a
         function returning (x, y), valid until the next call."""
-        self._post()
         if not self._pending:
             raise RuntimeError("SharedDelivery: no step left to deliver")
+        # This step's slot is not the one the new post fills: depth >= 2.
         requests, x, y, _, _ = self._pending.popleft()
-        MPI.Request.Waitall(requests)
+        self._post()
+        wait_quietly(requests)
         return lambda: (x, y)
 
     def progress(self) -> None:
@@ -245,6 +396,9 @@ class SharedDelivery:
 
     def close(self) -> None:
         """Complete whatever is in flight (every rank posted the same steps), free the comm."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
         while self._pending:
-            MPI.Request.Waitall(self._pending.popleft()[0])
+            wait_quietly(self._pending.popleft()[0])
         self.comm.Free()

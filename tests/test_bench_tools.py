@@ -65,3 +65,26 @@ def test_write_results_puts_json_table_and_plot_side_by_side(tmp_path):
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == rows
     assert (tmp_path / "sub" / "r.md").read_text() == "| k |\n|---|\n"
     assert drawn == [(rows, str(tmp_path / "sub" / "r.png"))]
+
+
+def test_ensemble_factor_and_its_bound_come_from_the_measured_cpu():
+    from bench.ensemble import add_factors, table
+
+    def record(k, pipeline, cpu, pipeline_cpu, samples):
+        return {"members": k, "pipeline": pipeline, "model": "lenet-cifar", "batch_size": 10,
+                "timed_iters": 10, "iters": 11, "rounds": 3, "cpu_s": cpu,
+                "pipeline_cpu_s": pipeline_cpu, "pipeline_samples": samples, "wait_s": 0.0,
+                "wall_s": 1.0, "img_s_per_member": 50.0}
+
+    # K = 2, separate: 100 images per member, p = 0.2 s / 200 images, t = 0.8 s / 200.
+    rows = [record(2, "shared", 0.9, 0.1, 100), record(2, "separate", 1.0, 0.2, 200)]
+    add_factors(rows)
+    for r in rows:
+        assert r["p_over_t"] == pytest.approx(0.25)
+        assert r["cpu_factor"] == pytest.approx(1.0 / 0.9, abs=1e-3)
+        assert r["cpu_factor_bound"] == pytest.approx(2 * 1.25 / 2.25, abs=1e-3)
+    text = table(rows)
+    assert "| lenet-cifar | 2 | shared | 0.90 |" in text and "1.11 (1.11)" in text
+    section = report.ensemble_section(rows + [{"img_s_per_member": 1.0, "members": 1}])
+    line = next(s for s in section if s.startswith("| lenet-cifar | 2 |"))
+    assert line == "| lenet-cifar | 2 | 0.250 | 0.90 | 1.00 | 1.11 (1.11) | 50.0 | 50.0 |"

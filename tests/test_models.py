@@ -14,7 +14,7 @@ from cnn.layers import BatchNorm2d, Conv2D, Linear
 from cnn.losses import SoftmaxCrossEntropy
 from cnn.models import AdaptiveAvgPool2d, BasicBlock, Bottleneck, Model, StateDictError
 
-SMALL = ["digits", "lenet", "resnet20", "vgg16-cifar"]
+SMALL = ["digits", "lenet", "lenet-cifar", "resnet20", "vgg16-cifar"]
 BIG = ["vgga", "vgg16", "resnet50"]
 
 # Published counts: torchvision for vgg11 (= vgga), vgg16, resnet50 with 1000
@@ -22,6 +22,7 @@ BIG = ["vgga", "vgg16", "resnet50"]
 PARAMETER_COUNTS = {
     "digits": 9_930,
     "lenet": 61_706,
+    "lenet-cifar": 62_006,
     "resnet20": 272_474,
     "vgg16-cifar": 14_982_474,
     "vgga": 132_863_336,

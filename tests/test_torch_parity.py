@@ -70,7 +70,7 @@ def test_benchmark_tables_match_the_registry():
 
 
 @pytest.mark.parametrize("name,batch", [
-    ("digits", 2), ("lenet", 2), ("resnet20", 2), ("resnet20", 1), ("vgg16-cifar", 2)])
+    ("digits", 2), ("lenet", 2), ("lenet-cifar", 2), ("resnet20", 2), ("resnet20", 1), ("vgg16-cifar", 2)])
 def test_forward_backward_match_torch(name, batch):
     ours, theirs = _twins(name)
     ours.compute_input_grad = True

@@ -7,6 +7,7 @@ name           input        classes  parameters     notes
 =============  ===========  =======  =============  ==========================================
 digits         1 x 8 x 8    10       9,930          embedded digits data; end-to-end tests
 lenet          1 x 28 x 28  10       61,706         LeNet-5 shape, ReLU + max pool
+lenet-cifar    3 x 32 x 32  10       62,006         LeNet-5, unpadded; ensemble benchmark
 resnet20       3 x 32 x 32  10       272,474        CIFAR ResNet, option-B projections
 vgg16-cifar    3 x 32 x 32  10       14,982,474     13 VGG-16 convs, FC 512-512-C, no BN
 vgga           3 x 224^2    1000     132,863,336    torchvision ``vgg11``
@@ -26,7 +27,7 @@ from .adaptive_pool import AdaptiveAvgPool2d
 from .containers import BasicBlock, Bottleneck, Container, Sequential
 from .model import HookHandle, Model, StateDictError
 from .resnet import resnet20, resnet50
-from .small import digits, lenet
+from .small import digits, lenet, lenet_cifar
 from .vgg import vgg16, vgg16_cifar, vgga
 
 __all__ = [
@@ -49,6 +50,7 @@ ModelSpec = namedtuple("ModelSpec", ["constructor", "num_classes", "input_shape"
 MODELS = {
     "digits": ModelSpec(digits, 10, (1, 8, 8)),
     "lenet": ModelSpec(lenet, 10, (1, 28, 28)),
+    "lenet-cifar": ModelSpec(lenet_cifar, 10, (3, 32, 32)),
     "resnet20": ModelSpec(resnet20, 10, (3, 32, 32)),
     "vgg16-cifar": ModelSpec(vgg16_cifar, 10, (3, 32, 32)),
     "vgga": ModelSpec(vgga, 1000, (3, 224, 224)),

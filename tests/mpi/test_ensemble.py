@@ -45,11 +45,15 @@ def assert_same_checkpoint(a, b, what):
 
 @pytest.mark.parametrize("k", MEMBER_COUNTS)
 @pytest.mark.parametrize("crop_pad", [0, 1])
-def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, crop_pad):
+# Double buffering made on the training thread; more steps in flight than there are.
+@pytest.mark.parametrize("depth, prefetch", [(2, 0), (5, 2)])
+def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, crop_pad, depth,
+                                                                          prefetch):
     color, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
     pipeline = digits_pipeline(crop_pad)
     positions = [(0, 0), (0, 1), (1, 0), (3, 5)]
-    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8))
+    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8), depth=depth,
+                            prefetch=prefetch)
     separate = SeparateDelivery(digits_pipeline(crop_pad), local_rank, group_size)
     shared.start(positions)
     separate.start(positions)
@@ -66,12 +70,37 @@ def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, cro
             own_x, own_y = separate.next()()
             np.testing.assert_array_equal(x, own_x)
             np.testing.assert_array_equal(y, own_y)
+        with pytest.raises(RuntimeError, match="no step left"):
+            shared.next()
         if crop_pad:    # the augmentation did something
             plain = Pipeline(pipeline.read, pipeline.sampler.dataset_size, BATCH, seed=3)
             assert not np.array_equal(plain.batch(0, 0)[0], pipeline.batch(0, 0)[0])
     finally:
         shared.close()
         group.Free()
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_members_run_depth_minus_one_steps_ahead_of_rank_0(depth):
+    """Rank 0 posts depth - 1 steps in start(); the others take them all before
+    rank 0 takes any (rank 0 sits in a barrier meanwhile), with the right data."""
+    k = WORLD.size      # one rank per member
+    _, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
+    pipeline = digits_pipeline(1)
+    positions = [(0, s) for s in range(depth + 1)]
+    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8), depth=depth)
+    shared.start(positions)
+    try:
+        if WORLD.rank != 0:
+            for epoch, step in positions[:depth - 1]:
+                x, y = shared.next()()
+                np.testing.assert_array_equal(x, pipeline.batch(epoch, step)[0])
+        WORLD.Barrier()
+        for epoch, step in positions[depth - 1 if WORLD.rank else 0:]:
+            x, y = shared.next()()
+            np.testing.assert_array_equal(y, pipeline.batch(epoch, step)[1])
+    finally:
+        shared.close()
 
 
 @pytest.mark.parametrize("k", MEMBER_COUNTS)
@@ -104,10 +133,12 @@ def test_shared_and_separate_pipelines_train_the_same_ensemble():
     root = shared_tmpdir()
     k = max(MEMBER_COUNTS)
     runs = {}
+    # Batches made on the training thread, one step ahead: the counts below are exact.
     for pipeline in ("shared", "separate"):
         runs[pipeline] = ensemble.run(ensemble.parse_args(
             [*COMMON, "--iters", "4", "--members", str(k), "--crop-pad", "1",
-             "--pipeline", pipeline, "--checkpoint-dir", f"{root}/{pipeline}_pipeline"]), WORLD)
+             "--pipeline", pipeline, "--prefetch", "0", "--pipeline-depth", "2",
+             "--checkpoint-dir", f"{root}/{pipeline}_pipeline"]), WORLD)
     assert runs["shared"]["members"] == runs["separate"]["members"]
     assert runs["shared"]["ensemble_accuracy"] == runs["separate"]["ensemble_accuracy"]
     _, local_rank, _, local = ensemble.layout(WORLD.size, WORLD.rank, k)
@@ -115,8 +146,14 @@ def test_shared_and_separate_pipelines_train_the_same_ensemble():
         assert_same_checkpoint(load_checkpoint(f"{root}/shared_pipeline/member{m}/checkpoint.npz"),
                                load_checkpoint(f"{root}/separate_pipeline/member{m}/checkpoint.npz"),
                                f"member {m}")
-    # One pipeline instead of k: rank 0 alone did the augmentation work.
+    # One pipeline instead of k: rank 0 alone did the augmentation work. In
+    # the timed iterations (all but the first) it made the batches of steps
+    # 2 and 3 (step 1 was made in the first); every member made its own 1-3.
     assert runs["shared"]["pipeline_cpu_s"] < runs["separate"]["pipeline_cpu_s"] or k == 1
+    for run in runs.values():
+        assert run["timed_iters"] == 3 and run["wall_s"] > 0 and run["wait_s"] >= 0
+    assert runs["shared"]["pipeline_samples"] == 2 * BATCH
+    assert runs["separate"]["pipeline_samples"] == 3 * k * BATCH
     WORLD.Barrier()
 
 
@@ -145,8 +182,13 @@ def test_bad_configuration_fails_on_every_rank(capsys):
         2 if WORLD.size > 1 else 0)
     assert ensemble.main([*COMMON, "--seeds", "1,2", "--lrs", "0.1,0.2,0.3"]) == 2
     assert ensemble.main([*COMMON, "--pipeline", "nope"]) == 2
+    assert ensemble.main([*COMMON, "--members", "1", "--pipeline-depth", "1"]) == 2
+    assert ensemble.main([*COMMON, "--members", "1", "--prefetch", "-1"]) == 2
+    assert ensemble.main([*COMMON, "--members", "1", "--timing-warmup", "-2"]) == 2
     err = capsys.readouterr().err
     if WORLD.rank == 0:
         assert "2 seeds and 3 learning rates" in err and "unknown pipeline 'nope'" in err
+        assert "--pipeline-depth must be >= 2" in err and "--prefetch must be >= 0" in err
+        assert "--timing-warmup must be >= 0" in err
         if WORLD.size > 1:
             assert f"{WORLD.size + 1} members" in err
