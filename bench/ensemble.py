@@ -30,6 +30,10 @@ and pipeline:
   K (p + t) / (p + K t), with p and t the pipeline's and the training's CPU
   per image measured in the separate runs (p_over_t).
 
+`--pipeline-rank` gives the shared runs one more process that runs only
+the pipeline (K + 1 ranks against K), so no member's step waits behind
+rank 0's data work and scatters; its CPU counts in cpu_s.
+
 Writes JSON (`--json-out`), a markdown table next to it (.md) and a plot (.png).
 """
 
@@ -65,6 +69,9 @@ def parse_args(argv=None):
                    help="gradient exchange inside a member (with one rank per member there is "
                         "none, and blocking adds the least engine work to the training)")
     p.add_argument("--prefetch", type=int, default=2, help="engine.ensemble --prefetch")
+    p.add_argument("--pipeline-rank", action="store_true",
+                   help="shared runs get one more rank that only runs the pipeline "
+                        "(engine.ensemble --pipeline-rank)")
     p.add_argument("--pipeline-depth", type=int, default=3,
                    help="engine.ensemble --pipeline-depth")
     p.add_argument("--quick", action="store_true", help="K = 1, 2; 6 iterations; one round")
@@ -88,8 +95,9 @@ def parse_args(argv=None):
 def run_one(args, k: int, pipeline: str, iters: int | None = None) -> dict:
     """One `engine.ensemble` job; its final JSON line."""
     iters = iters or args.iters
-    command = [args.mpiexec, "-n", str(k * args.ranks_per_member), sys.executable, "-m",
-               "engine.ensemble", "--members", str(k), "--pipeline", pipeline,
+    extra = ["--pipeline-rank"] if pipeline == "shared" and args.pipeline_rank else []
+    command = [args.mpiexec, "-n", str(ranks(args, k, pipeline)), sys.executable, "-m",
+               "engine.ensemble", "--members", str(k), "--pipeline", pipeline, *extra,
                "--model", args.model, "--dataset", "synthetic-cifar",
                "--crop-pad", str(args.crop_pad), "--synthetic-size", str(args.batch_size * iters),
                "--epochs", "1", "--batch-size", str(args.batch_size),
@@ -104,9 +112,15 @@ def run_one(args, k: int, pipeline: str, iters: int | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def ranks(args, k: int, pipeline: str) -> int:
+    """Processes of one job: the members' ranks, plus the pipeline rank if asked for."""
+    return k * args.ranks_per_member + (pipeline == "shared" and args.pipeline_rank)
+
+
 def summarise(args, k: int, pipeline: str, runs: list) -> dict:
     """The record of one configuration: medians over its rounds, rounds kept."""
-    record = {"members": k, "pipeline": pipeline, "ranks": k * args.ranks_per_member,
+    record = {"members": k, "pipeline": pipeline, "ranks": ranks(args, k, pipeline),
+              "pipeline_rank": pipeline == "shared" and args.pipeline_rank,
               "model": args.model, "batch_size": args.batch_size, "iters": args.iters,
               "timed_iters": runs[0]["timed_iters"], "rounds": len(runs),
               "prefetch": args.prefetch, "pipeline_depth": args.pipeline_depth}

@@ -14,7 +14,9 @@ differ.
 ``--pipeline shared`` (default): rank 0 reads, decodes and augments each
 global batch once and scatters every rank its shard, posted
 ``--pipeline-depth - 1`` steps ahead so the delivery overlaps compute and
-members may run ahead of rank 0 (engine/pipeline.py). ``--pipeline
+members may run ahead of rank 0 (engine/pipeline.py); with
+``--pipeline-rank`` rank 0 runs only the pipeline and the members train on
+ranks 1..P-1, so no member's step waits for another's data work. ``--pipeline
 separate``: every member runs its own pipeline for its shards, as K
 independent jobs would. Both give bitwise the same batches and the same
 weights; both make their batches ``--prefetch`` steps ahead on a background
@@ -85,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--members-file", default=None,
                    help='JSON list [{"seed": S, "lr": LR}, ...], one object per member')
     p.add_argument("--pipeline", default="shared", help=f"one of {', '.join(PIPELINES)}")
+    p.add_argument("--pipeline-rank", action="store_true",
+                   help="shared: rank 0 runs only the pipeline, the members train on ranks "
+                        "1..P-1 (else rank 0 also trains a member)")
     p.add_argument("--pipeline-depth", type=int, default=3,
                    help="shared: receive buffers per rank; scatters are posted this many steps "
                         "minus one ahead, so members run that far ahead of rank 0 (>= 2)")
@@ -191,14 +196,37 @@ def layout(size: int, rank: int, k: int) -> tuple[int, int, int, list[int]]:
     return rank, 0, 1, list(range(rank, k, size))
 
 
+def member_layout(args, size: int, rank: int, k: int) -> tuple[int, int, int, list[int]]:
+    """`layout`, leaving rank 0 out with ``--pipeline-rank``.
+
+    The pipeline rank trains nothing (no color: it joins no member group); it
+    takes local rank 0 of the members' group size, so its scatter shapes are
+    theirs (it receives shard 0 and ignores it).
+    """
+    if not args.pipeline_rank:
+        return layout(size, rank, k)
+    if rank == 0:
+        return MPI.UNDEFINED, 0, layout(size - 1, 0, k)[2], []
+    return layout(size - 1, rank - 1, k)
+
+
 def check_config(args, size: int, specs) -> None:
     """Raise ConfigError for anything that would fail later (same on every rank)."""
+    if args.pipeline_rank and (args.pipeline != "shared" or size < 2):
+        raise ConfigError("--pipeline-rank needs --pipeline shared and at least 2 ranks "
+                          f"(got --pipeline {args.pipeline} on {size} ranks)")
     for name, known in (("model", models.MODELS), ("strategy", STRATEGIES),
                         ("dataset", DATASETS), ("schedule", SCHEDULES), ("pipeline", PIPELINES)):
         if getattr(args, name) not in known:
             raise ConfigError(f"unknown {name} {getattr(args, name)!r}; known: "
                               f"{', '.join(known)}")
-    _, _, g, _ = layout(size, 0, len(specs))
+    try:
+        _, _, g, _ = member_layout(args, size, 1 if args.pipeline_rank else 0, len(specs))
+    except ConfigError as e:
+        if not args.pipeline_rank:
+            raise
+        raise ConfigError(f"{e} (with --pipeline-rank the members get {size - 1} of the "
+                          f"{size} ranks)") from None
     if args.batch_size < 1 or args.batch_size % g:
         raise ConfigError(f"global batch {args.batch_size} is not divisible by the {g} ranks "
                           f"of a member; use a multiple of {g}")
@@ -291,7 +319,7 @@ def run(args, comm) -> dict:
     specs = member_specs(args)
     check_config(args, size, specs)
     k = len(specs)
-    color, local_rank, group_size, local = layout(size, rank, k)
+    color, local_rank, group_size, local = member_layout(args, size, rank, k)
     spec = models.MODELS[args.model]
     read, n_train, xte, yte, normalize = load_pipeline_data(args, spec.input_shape,
                                                             spec.num_classes)
@@ -319,13 +347,15 @@ def run(args, comm) -> dict:
         built.append((m, model, optimizer, schedule))
     # A member's checkpoint is read on its ranks only: agree on errors and on
     # where to start before anyone enters a collective of its own.
-    outcomes = comm.allgather((error, start))
+    outcomes = comm.allgather((error, start if local else None))
     errors = [e for e, _ in outcomes if e is not None]
     if errors:
         raise ConfigError(errors[0])
-    if args.resume and len({s for _, s in outcomes}) > 1:
+    starts = {s for _, s in outcomes if s is not None}
+    if args.resume and len(starts) > 1:
         raise ConfigError(f"--resume: the members' checkpoints are at different iterations "
-                          f"{sorted({s for _, s in outcomes})}; resume needs them all at one")
+                          f"{sorted(starts)}; resume needs them all at one")
+    start = starts.pop() if starts else 0       # the pipeline rank resumes where they do
 
     group = comm.Split(color, rank)
     members = []
@@ -345,7 +375,8 @@ def run(args, comm) -> dict:
     finally:
         for m in members:
             m["trainer"].close(synchronize=False)
-        group.Free()
+        if group != MPI.COMM_NULL:
+            group.Free()
 
 
 def resume_member(args, m: int, spec: dict, model, optimizer) -> int:

@@ -157,6 +157,32 @@ def test_shared_and_separate_pipelines_train_the_same_ensemble():
     WORLD.Barrier()
 
 
+@pytest.mark.skipif(WORLD.size < 2, reason="a pipeline rank needs a second rank to feed")
+def test_a_dedicated_pipeline_rank_trains_the_same_members_and_resumes():
+    """K = P - 1 members on ranks 1..P-1, fed by rank 0, equal the same ensemble
+    run without a pipeline rank on those ranks alone; a resumed run equals both."""
+    root = shared_tmpdir()
+    k = WORLD.size - 1
+    args = [*COMMON, "--members", str(k), "--crop-pad", "1"]
+    assert ensemble.main([*args, "--iters", "4", "--pipeline-rank",
+                          "--checkpoint-dir", f"{root}/rank"]) == 0
+    assert ensemble.main([*args, "--iters", "2", "--pipeline-rank",
+                          "--checkpoint-dir", f"{root}/resumed"]) == 0
+    assert ensemble.main([*args, "--iters", "4", "--pipeline-rank", "--resume",
+                          "--checkpoint-dir", f"{root}/resumed"]) == 0
+    members = WORLD.Split(0 if WORLD.rank > 0 else MPI.UNDEFINED, WORLD.rank)
+    if WORLD.rank > 0:
+        ensemble.run(ensemble.parse_args([*args, "--iters", "4",
+                                          "--checkpoint-dir", f"{root}/plain"]), members)
+        members.Free()
+        m = WORLD.rank - 1
+        for other in ("plain", "resumed"):
+            assert_same_checkpoint(load_checkpoint(f"{root}/rank/member{m}/checkpoint.npz"),
+                                   load_checkpoint(f"{root}/{other}/member{m}/checkpoint.npz"),
+                                   f"member {m} vs {other}")
+    WORLD.Barrier()
+
+
 def test_resume_continues_every_member_exactly():
     root = shared_tmpdir()
     k = max(MEMBER_COUNTS)
@@ -185,10 +211,13 @@ def test_bad_configuration_fails_on_every_rank(capsys):
     assert ensemble.main([*COMMON, "--members", "1", "--pipeline-depth", "1"]) == 2
     assert ensemble.main([*COMMON, "--members", "1", "--prefetch", "-1"]) == 2
     assert ensemble.main([*COMMON, "--members", "1", "--timing-warmup", "-2"]) == 2
+    assert ensemble.main([*COMMON, "--members", "1", "--pipeline-rank",
+                          "--pipeline", "separate"]) == 2
     err = capsys.readouterr().err
     if WORLD.rank == 0:
         assert "2 seeds and 3 learning rates" in err and "unknown pipeline 'nope'" in err
         assert "--pipeline-depth must be >= 2" in err and "--prefetch must be >= 0" in err
         assert "--timing-warmup must be >= 0" in err
+        assert "--pipeline-rank needs --pipeline shared" in err
         if WORLD.size > 1:
             assert f"{WORLD.size + 1} members" in err
