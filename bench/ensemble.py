@@ -120,7 +120,7 @@ def ranks(args, k: int, pipeline: str) -> int:
 def summarise(args, k: int, pipeline: str, runs: list) -> dict:
     """The record of one configuration: medians over its rounds, rounds kept."""
     record = {"members": k, "pipeline": pipeline, "ranks": ranks(args, k, pipeline),
-              "pipeline_rank": pipeline == "shared" and args.pipeline_rank,
+              "pipeline_rank_run": args.pipeline_rank,
               "model": args.model, "batch_size": args.batch_size, "iters": args.iters,
               "timed_iters": runs[0]["timed_iters"], "rounds": len(runs),
               "prefetch": args.prefetch, "pipeline_depth": args.pipeline_depth}

@@ -87,4 +87,24 @@ def test_ensemble_factor_and_its_bound_come_from_the_measured_cpu():
     assert "| lenet-cifar | 2 | shared | 0.90 |" in text and "1.11 (1.11)" in text
     section = report.ensemble_section(rows + [{"img_s_per_member": 1.0, "members": 1}])
     line = next(s for s in section if s.startswith("| lenet-cifar | 2 |"))
-    assert line == "| lenet-cifar | 2 | 0.250 | 0.90 | 1.00 | 1.11 (1.11) | 50.0 | 50.0 |"
+    assert line == "| lenet-cifar | 2 | no | 0.250 | 0.90 | 1.00 | 1.11 (1.11) | 50.0 | 50.0 |"
+    # A --pipeline-rank run at the same K is a pair of its own, not mixed with the first.
+    rank_rows = [dict(r, pipeline_rank_run=True, cpu_s=0.8 if r["pipeline"] == "shared" else 1.2)
+                 for r in rows]
+    section = report.ensemble_section(rows + rank_rows)
+    assert sum(s.startswith("| lenet-cifar | 2 |") for s in section) == 2
+    line = next(s for s in section if s.startswith("| lenet-cifar | 2 | yes |"))
+    assert "| 0.80 | 1.20 |" in line
+
+
+def test_checkpoint_section_sorts_links_and_intervals():
+    rows = [{"model": "vgg16-cifar", "ranks": 2, "checkpoint_mb": 114.3, "link": link,
+             "every": every, "mode": mode, "step_ms": 100.0 + i, "overhead": 0.01 * i}
+            for i, (link, every, mode) in enumerate(
+                [("1gbit", None, "none"), ("1gbit", 4, "async"), ("loopback", 16, "sync"),
+                 ("loopback", 4, "sync"), ("loopback", None, "none")])]
+    lines = report.checkpoint_section(rows)
+    table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| loopback", "-", "none"], ["| loopback", "4", "sync"], ["| loopback", "16", "sync"],
+        ["| 1gbit", "-", "none"], ["| 1gbit", "4", "async"]]
