@@ -212,6 +212,8 @@ class Engine:
     """The exchanger's configuration; the defaults are the engine's own (ext/_progress.pxd)."""
 
     chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES
+    #: least bytes of one rank's piece in a reduce-scatter/allgather/alltoall chunk
+    min_piece_bytes: int = _progress.DEFAULT_MIN_PIECE_BYTES
     max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT
     bucket_bytes: int = 1 << 20
     #: Exchanger(algorithm=...): one of ALLREDUCE_ALGORITHMS
@@ -645,17 +647,20 @@ class Channel:
     def chunk_sizes(self, kind: str, nbytes: float) -> list:
         """Bytes of the whole vector moved by each chunk the engine posts (Engine.enqueue).
 
-        An allreduce is cut into chunks of chunk_bytes. A reduce-scatter or
-        allgather is cut along each rank's slice (4-byte elements): chunk c
-        is piece c, of chunk_bytes / 4 / P elements, of every rank's slice,
-        so it too moves about chunk_bytes in all.
+        An allreduce is cut into chunks of chunk_bytes. A reduce-scatter,
+        allgather or all-to-all (`nbytes`: what each rank holds) is cut along
+        each rank's slice (4-byte elements): chunk c is piece c of every
+        rank's slice, of chunk_bytes / 4 / P elements but at least
+        min_piece_bytes / 4, so it moves about max(chunk_bytes,
+        P min_piece_bytes) in all.
         """
         cb = self.engine.chunk_bytes
         if kind == "allreduce":
             n_chunks = max(1, math.ceil(nbytes / cb))
             return [cb] * (n_chunks - 1) + [nbytes - cb * (n_chunks - 1)]
-        if kind in ("reduce_scatter", "allgather"):
-            piece = 4 * max(1, cb // 4 // self.P)               # bytes of one rank's piece
+        if kind in ("reduce_scatter", "allgather", "alltoall"):
+            piece = 4 * max(1, self.engine.min_piece_bytes // 4,       # bytes of one rank's piece
+                            cb // 4 // self.P)
             largest_slice = 4 * math.ceil(nbytes / 4 / self.P)   # rank 0's (partition)
             n_chunks = max(1, math.ceil(largest_slice / piece))
             return [piece * self.P] * (n_chunks - 1) + [

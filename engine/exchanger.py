@@ -236,6 +236,13 @@ class Exchanger:
         one MPI_Iallreduce each, so that small urgent requests can overtake a
         large one between chunks. Default `ext._progress.DEFAULT_CHUNK_BYTES`
         (1 MiB), the engine's single source for it.
+    min_piece_bytes : int
+        Reduce-scatters, allgathers and all-to-alls are chunked along every
+        rank's block: chunk c is piece c of each block, chunk_bytes / P bytes
+        per block but never fewer than this (rounded down to whole elements;
+        0: no minimum), since each chunk pays P - 1 messages' latency. Default
+        `ext._progress.DEFAULT_MIN_PIECE_BYTES` (64 KiB). Must be the same on
+        every rank, like `chunk_bytes` (checked at construction).
     max_inflight : int
         Most MPI requests outstanding at once (a credit, as in ByteScheduler):
         few enough that priorities still matter, enough to keep the link busy.
@@ -285,6 +292,7 @@ class Exchanger:
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES,
+                 min_piece_bytes: int = _progress.DEFAULT_MIN_PIECE_BYTES,
                  max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT,
                  poll_us: int = _progress.DEFAULT_POLL_US, pin_cpu: int | None = None,
                  trace: bool = False, close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
@@ -300,6 +308,9 @@ class Exchanger:
             raise ValueError(f"chunk_bytes must be at least 8, got {chunk_bytes}")
         if int(chunk_bytes) // 4 > _INT_MAX:
             raise ValueError(f"chunk_bytes {chunk_bytes} exceeds MPI's int element count")
+        if not 0 <= int(min_piece_bytes) <= 4 * _INT_MAX:
+            raise ValueError(f"min_piece_bytes must be in [0, {4 * _INT_MAX}] (0: no minimum), "
+                             f"got {min_piece_bytes}")
         if not 1 <= int(max_inflight) <= _progress.MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {_progress.MAX_SLOTS}], "
                              f"got {max_inflight}")
@@ -313,6 +324,12 @@ class Exchanger:
         if not isinstance(base, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
         self.algorithm = self._check_algorithm(algorithm)
+        # chunking must agree, or ranks would post different numbers of chunks and hang
+        chunking = base.allgather((int(chunk_bytes), int(min_piece_bytes)))
+        if len(set(chunking)) > 1:
+            raise ValueError("chunk_bytes and min_piece_bytes must be the same on every rank; "
+                             "(chunk_bytes, min_piece_bytes) by rank: " + ", ".join(
+                                 f"{r}: {c}" for r, c in enumerate(chunking)))
         # "auto"'s thresholds, found now (collectively) even if only a later call asks for
         # them; an error is raised then, or now if the exchanger's own algorithm is "auto"
         self._auto, self._auto_error = _auto_thresholds(network, auto_thresholds, base,
@@ -324,6 +341,7 @@ class Exchanger:
         self.size = self._comm.Get_size()
         self.rank = self._comm.Get_rank()
         self.chunk_bytes = int(chunk_bytes)
+        self.min_piece_bytes = int(min_piece_bytes)
         self.max_inflight = int(max_inflight)
         self.poll_us = int(poll_us)
         self.close_timeout = float(close_timeout)
@@ -332,7 +350,8 @@ class Exchanger:
         self._closed = False
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
                                         self.poll_us, -1 if pin_cpu is None else int(pin_cpu),
-                                        bool(trace), int(slice_us), int(nice))
+                                        bool(trace), int(slice_us), int(nice),
+                                        self.min_piece_bytes)
         self._stall = None
         if stall_warn_s is not None or stall_timeout_s is not None:
             try:

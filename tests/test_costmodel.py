@@ -227,8 +227,26 @@ def test_engine_chunks_reduce_scatter_and_allgather_like_allreduce():
         assert len(sizes) == 10 and sum(sizes) == pytest.approx(10 << 20)
     odd = channel.chunk_sizes("allgather", 4 * 1001)       # slices of 251, 250, 250, 250
     assert len(odd) == 1 and odd[0] == pytest.approx(4 * 1001)
-    small = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=64))   # 4 elements per rank's piece
+    small = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=64, min_piece_bytes=0))  # 4 elements
     assert len(small.chunk_sizes("reduce_scatter", 4 * 1001)) == 63   # ceil(251 / 4)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 8192])
+def test_min_piece_bounds_the_chunks_of_reduce_scatter_allgather_alltoall(P):
+    """ext/_progress.pyx: a piece is max(min_piece_bytes, chunk_bytes / P) per rank."""
+    nbytes = 4 * 25_000_000                            # ~100 MB, VGG-16's largest tensor
+    for kind in ("reduce_scatter", "allgather", "alltoall"):
+        plain = cm.Channel(GIGABIT, P, cm.Engine(chunk_bytes=1 << 20, min_piece_bytes=0))
+        floor = cm.Channel(GIGABIT, P, cm.Engine(chunk_bytes=1 << 20, min_piece_bytes=65536))
+        slice_bytes = 4 * math.ceil(nbytes / 4 / P)
+        piece = 4 * ((1 << 20) // 4 // P)
+        assert len(plain.chunk_sizes(kind, nbytes)) == math.ceil(slice_bytes / piece)
+        assert len(floor.chunk_sizes(kind, nbytes)) == math.ceil(slice_bytes / max(piece, 65536))
+        assert sum(floor.chunk_sizes(kind, nbytes)) == pytest.approx(nbytes)
+    # at 8192 ranks a 128 B piece becomes 64 KiB: 96 chunks of (P - 1) alpha become one
+    if P == 8192:
+        assert len(plain.chunk_sizes("reduce_scatter", nbytes)) == 96
+        assert len(floor.chunk_sizes("reduce_scatter", nbytes)) == 1
 
 
 @given(st.integers(1, 1 << 28), st.integers(2, 10000))
