@@ -39,7 +39,8 @@ repetitions after one untimed one, measured by rank 0 with every rank in step:
    --algorithms-max-bytes in factors of 2; each repetition runs the three
    in a rotating order, and a time is the median over repetitions of the
    slowest rank's. Written under "algorithms" (a list, one entry per P and
-   chunk_bytes, with the thresholds it gives); Exchanger(algorithm="auto")
+   chunk_bytes, with the thresholds it gives; --algorithms-chunk-bytes
+   calibrates another chunk); Exchanger(algorithm="auto")
    takes its thresholds from it (costmodel.measured_auto_thresholds).
    ``--only-algorithms`` runs this sweep alone and merges it into the
    existing -o file (replacing the entry for the same P and chunk):
@@ -58,6 +59,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 from mpi4py import MPI
@@ -78,6 +80,9 @@ def parse_args(argv=None):
                    help="largest request of auto's calibration sweep (6.)")
     p.add_argument("--algorithms-budget-s", type=float, default=1.5,
                    help="approximate seconds of repetitions per size of sweep 6 (3 algorithms)")
+    p.add_argument("--algorithms-chunk-bytes", type=int, default=cm.Engine().chunk_bytes,
+                   help="the Exchanger's chunk_bytes in sweep 6 (auto is calibrated per chunk; "
+                        "default the engine's)")
     p.add_argument("--only-algorithms", action="store_true",
                    help="run only sweep 6 and merge it into the existing -o file")
     p.add_argument("--quick", action="store_true",
@@ -270,7 +275,7 @@ def only_algorithms(comm, args) -> dict:
     if not args.output:
         raise SystemExit("--only-algorithms needs -o FILE (the netfit JSON to merge into)")
     sweep = algorithm_sweep(comm, args.algorithms_max_bytes, args.algorithms_budget_s,
-                            cm.Engine())
+                            cm.Engine(chunk_bytes=args.algorithms_chunk_bytes))
     result = {}
     if comm.rank == 0:
         if os.path.exists(args.output):
@@ -352,7 +357,8 @@ def main(argv=None):
     # 5. interference: compute slowed down by the engine's thread (no core of its own)
     request_cpu = interference(comm, args.budget_s)
     # 6. auto's calibration: the engine's algorithms timed against each other
-    algorithms = algorithm_sweep(comm, args.algorithms_max_bytes, args.algorithms_budget_s, engine)
+    algorithms = algorithm_sweep(comm, args.algorithms_max_bytes, args.algorithms_budget_s,
+                                 replace(engine, chunk_bytes=args.algorithms_chunk_bytes))
     net = cm.Network(alpha=float(alpha), beta=float(beta), gamma=gamma, poll_s=float(poll_s),
                      chunk_overhead_s=float(overhead), chunk_beta=float(chunk_beta),
                      request_cpu_s=float(request_cpu))
