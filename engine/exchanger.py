@@ -120,6 +120,7 @@ def _auto_thresholds(network, fixed, comm, chunk_bytes: int):
         except Exception as exc:     # raised on every rank, when "auto" is asked for
             error = exc
     found, error = comm.bcast((found, error), root=0)
+    given = "given explicitly" if fixed else "from $EXCHANGER_AUTO_THRESHOLDS"
     fixed = fixed or os.environ.get("EXCHANGER_AUTO_THRESHOLDS")
     if isinstance(fixed, cm.AutoThresholds):
         return fixed, None
@@ -132,8 +133,7 @@ def _auto_thresholds(network, fixed, comm, chunk_bytes: int):
                         f"got {type(fixed).__name__}")
     else:
         return found, error
-    return cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from,
-                             source="given explicitly"), None
+    return cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from, source=given), None
 
 
 def _check_array(name: str, a, *, writable: bool) -> np.ndarray:

@@ -167,7 +167,7 @@ def test_auto_thresholds_precedence(tmp_path, monkeypatch):
         assert ex.auto == AutoThresholds(100, math.inf) and "explicitly" in str(ex.auto)
     monkeypatch.setenv("EXCHANGER_AUTO_THRESHOLDS", explicit)
     with Exchanger(algorithm="auto", network=path, chunk_bytes=4096) as ex:
-        assert ex.auto == AutoThresholds(100, math.inf)
+        assert ex.auto == AutoThresholds(100, math.inf) and "$EXCHANGER_AUTO" in str(ex.auto)
     monkeypatch.delenv("EXCHANGER_AUTO_THRESHOLDS")
     model = cm.auto_thresholds(cm.Network(alpha=3e-6, beta=1e-9, gamma=3e-11), P)
     with Exchanger(algorithm="auto", network=path, chunk_bytes=8192) as ex:    # another chunk
