@@ -115,7 +115,8 @@ from ext import _progress
 __all__ = ["ALLREDUCE_ALGORITHMS", "AutoThresholds", "FC_MODES", "FC_VARIANTS",
            "FC_WEIGHT_GRAD_SHARE", "STRATEGIES", "Channel", "Engine", "LayerCost", "Network",
            "Profile", "Result", "algorithm_time", "allgather_time", "allreduce_time",
-           "alltoall_time", "auto_thresholds", "blocking_comm_time", "fc_path", "form_buckets",
+           "alltoall_time", "auto_thresholds", "measured_auto_thresholds", "measured_sweep",
+           "netfit_auto_thresholds", "blocking_comm_time", "fc_path", "form_buckets",
            "fuse_units", "load_profile", "lower_bound", "recursive_doubling_time",
            "reduce_scatter_time", "ring_time", "scale_layers", "sent_bytes", "simulate"]
 
@@ -211,6 +212,8 @@ class Engine:
     """The exchanger's configuration; the defaults are the engine's own (ext/_progress.pxd)."""
 
     chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES
+    #: least bytes of one rank's piece in a reduce-scatter/allgather/alltoall chunk
+    min_piece_bytes: int = _progress.DEFAULT_MIN_PIECE_BYTES
     max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT
     bucket_bytes: int = 1 << 20
     #: Exchanger(algorithm=...): one of ALLREDUCE_ALGORITHMS
@@ -416,6 +419,8 @@ class AutoThresholds:
 
     recursive_doubling_below: float = 0.0
     ring_from: float = math.inf
+    #: where the thresholds came from, for printing ("measured at P=2, ...")
+    source: str = field(default="", compare=False)
 
     def choose(self, nbytes: float) -> str:
         if nbytes < self.recursive_doubling_below:
@@ -427,8 +432,18 @@ class AutoThresholds:
     def __str__(self) -> str:
         def show(b):
             return "never" if b == math.inf else f"{int(b)} B"
-        return (f"auto: recursive_doubling below {show(self.recursive_doubling_below)}, "
-                f"ring from {show(self.ring_from)}, mpi in between")
+        below = ("any size" if self.recursive_doubling_below == math.inf
+                 else show(self.recursive_doubling_below))
+        return (f"auto: recursive_doubling below {below}, "
+                f"ring from {show(self.ring_from)}, mpi in between"
+                + (f" ({self.source})" if self.source else ""))
+
+    def spec(self) -> str:
+        """The EXCHANGER_AUTO_THRESHOLDS form, which `parse` reads back."""
+        def show(b):
+            return "inf" if b == math.inf else str(int(b))
+        return (f"recursive_doubling_below={show(self.recursive_doubling_below)},"
+                f"ring_from={show(self.ring_from)}")
 
     @classmethod
     def parse(cls, text: str) -> AutoThresholds:
@@ -477,6 +492,108 @@ def auto_thresholds(net: Network, P: int) -> AutoThresholds:
         ring_from = n
     return AutoThresholds(math.ceil(rd_below), ring_from if ring_from == math.inf
                           else math.ceil(ring_from))
+
+
+#: measured times within this fraction of each other count as tied (repeated
+#: medians on a shared 2-core machine move by a few per cent)
+MEASURED_TIE = 0.03
+_FIXED = ("mpi", "recursive_doubling", "ring")
+
+
+def measured_auto_thresholds(sizes, times: dict, tie: float = MEASURED_TIE,
+                             source: str = "") -> AutoThresholds:
+    """auto's thresholds from timed runs of the three algorithms (bench/netfit.py).
+
+    At each measured size the pick is "mpi" if it is within `tie` of the
+    fastest, else the fastest. Recursive doubling runs below the first size
+    whose pick is not recursive doubling, the ring from the size on which the
+    pick stays the ring; each threshold sits at the geometric midpoint of the
+    two grid points it separates (the ring's at the first point when the ring
+    is picked everywhere). Every measured size so gets an algorithm at most
+    `tie` slower than the fastest, and never slower than "mpi" by more than `tie`.
+
+    Parameters
+    ----------
+    sizes : sequence of int, shape (m,)
+        Request bytes, increasing.
+    times : dict of str to sequence of float, each shape (m,)
+        Seconds per allreduce for "mpi", "recursive_doubling" and "ring".
+    tie : float
+        Relative difference below which two times are taken as equal.
+    source : str
+        Carried into the result, for printing.
+    """
+    sizes = [float(n) for n in sizes]
+    if sorted(set(sizes)) != sizes or not sizes:
+        raise ValueError(f"measured sizes must be distinct and increasing, got {sizes}")
+    missing = [a for a in _FIXED if a not in times]
+    if missing:
+        raise ValueError(f"measured times lack {', '.join(missing)}")
+    if any(len(times[a]) != len(sizes) for a in _FIXED):
+        raise ValueError("every algorithm needs one time per measured size")
+    picks = []
+    for i in range(len(sizes)):
+        t = {a: float(times[a][i]) for a in _FIXED}
+        best = min(t, key=t.get)
+        picks.append("mpi" if t["mpi"] <= (1 + tie) * t[best] else best)
+
+    def between(i):       # a threshold between grid points i - 1 and i
+        return math.ceil(math.sqrt(sizes[i - 1] * sizes[i])) if i > 0 else sizes[0]
+
+    first_other = next((i for i, a in enumerate(picks) if a != "recursive_doubling"), None)
+    rd_below = math.inf if first_other is None else (0 if first_other == 0 else between(first_other))
+    ring_from = math.inf
+    for i in reversed(range(first_other if first_other is not None else len(sizes), len(sizes))):
+        if picks[i] != "ring":
+            break
+        ring_from = between(i)
+    return AutoThresholds(rd_below, ring_from, source=source)
+
+
+def _bytes_label(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def measured_sweep(netfit: dict, P: int, chunk_bytes: int) -> tuple[dict | None, str]:
+    """The netfit's timed sweep of the algorithms for `P` ranks at `chunk_bytes`, if any.
+
+    Returns (sweep, why): sweep None when there is none for this P and chunk,
+    with `why` saying what there is instead (for the printed source).
+    """
+    sweeps = netfit.get("algorithms") or []
+    for_p = [s for s in sweeps if s.get("ranks") == P]
+    for s in for_p:
+        if s.get("chunk_bytes") == chunk_bytes:
+            return s, ""
+    if for_p:
+        return None, (f"its measured sweep at P={P} is for chunk "
+                      f"{', '.join(_bytes_label(s.get('chunk_bytes')) for s in for_p)}, not "
+                      f"{_bytes_label(chunk_bytes)}")
+    if sweeps:
+        return None, (f"it has measured sweeps for P={sorted({s.get('ranks') for s in sweeps})}, "
+                      f"not P={P}")
+    return None, "it has no measured sweep"
+
+
+def netfit_auto_thresholds(path: str, P: int, chunk_bytes: int) -> AutoThresholds:
+    """auto's thresholds from a bench/netfit.py JSON: its measured sweep of the
+    algorithms for `P` ranks and `chunk_bytes` if it holds one, else the cost
+    model (`auto_thresholds`) on its fitted network; `source` says which."""
+    with open(path) as f:
+        d = json.load(f)
+    sweep, why = measured_sweep(d, P, chunk_bytes)
+    if sweep is not None:
+        return measured_auto_thresholds(
+            sweep["sizes"], sweep["median_s"], sweep.get("tie", MEASURED_TIE),
+            source=f"measured at P={P}, chunk {_bytes_label(chunk_bytes)}, {path}")
+    if P <= 1:
+        return AutoThresholds(source="one rank: nothing to exchange")
+    auto = auto_thresholds(Network.from_dict(d.get("network", d)), P)
+    return AutoThresholds(auto.recursive_doubling_below, auto.ring_from,
+                          source=f"cost model from {path}; {why}")
 
 
 # ---------------------------------------------------------------------------
@@ -530,17 +647,20 @@ class Channel:
     def chunk_sizes(self, kind: str, nbytes: float) -> list:
         """Bytes of the whole vector moved by each chunk the engine posts (Engine.enqueue).
 
-        An allreduce is cut into chunks of chunk_bytes. A reduce-scatter or
-        allgather is cut along each rank's slice (4-byte elements): chunk c
-        is piece c, of chunk_bytes / 4 / P elements, of every rank's slice,
-        so it too moves about chunk_bytes in all.
+        An allreduce is cut into chunks of chunk_bytes. A reduce-scatter,
+        allgather or all-to-all (`nbytes`: what each rank holds) is cut along
+        each rank's slice (4-byte elements): chunk c is piece c of every
+        rank's slice, of chunk_bytes / 4 / P elements but at least
+        min_piece_bytes / 4, so it moves about max(chunk_bytes,
+        P min_piece_bytes) in all.
         """
         cb = self.engine.chunk_bytes
         if kind == "allreduce":
             n_chunks = max(1, math.ceil(nbytes / cb))
             return [cb] * (n_chunks - 1) + [nbytes - cb * (n_chunks - 1)]
-        if kind in ("reduce_scatter", "allgather"):
-            piece = 4 * max(1, cb // 4 // self.P)               # bytes of one rank's piece
+        if kind in ("reduce_scatter", "allgather", "alltoall"):
+            piece = 4 * max(1, self.engine.min_piece_bytes // 4,       # bytes of one rank's piece
+                            cb // 4 // self.P)
             largest_slice = 4 * math.ceil(nbytes / 4 / self.P)   # rank 0's (partition)
             n_chunks = max(1, math.ceil(largest_slice / piece))
             return [piece * self.P] * (n_chunks - 1) + [

@@ -12,9 +12,11 @@ doubling and ring, and "auto", on one link, 4 KiB .. 64 MiB.
 One Exchanger (engine/exchanger.py) runs every allreduce (float32, op mean,
 post + wait, nothing else in flight), with the algorithm given per call:
 "mpi" (MPI_Iallreduce), "recursive_doubling", "ring" (ext/_algorithms.pxi)
-and "auto", whose thresholds come from the link's fitted alpha-beta-gamma
-(--netfit, default bench/results/netfit_<link>.json) unless --thresholds
-fixes them; they are printed first. Each repetition runs the four algorithms
+and "auto", whose thresholds come from the link's netfit file (--netfit,
+default bench/results/netfit_<link>.json) as the Exchanger takes them: its
+timed sweep of the algorithms for this P and chunk (bench/netfit.py, sweep
+6), else the cost model on its fitted alpha-beta-gamma; --thresholds fixes
+them. They are printed first, with where they came from. Each repetition runs the four algorithms
 once, in a rotating order, so that drift of a shared machine hits them
 alike; t_ms is the median over repetitions of the slowest rank's time.
 
@@ -39,6 +41,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from analysis import costmodel as cm
 from bench.common import parse_size, size_label
 from engine import Exchanger
 from ext import _progress
@@ -49,10 +52,11 @@ ALGORITHMS = ("mpi", "recursive_doubling", "ring", "auto")
 FIXED = ALGORITHMS[:3]
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 256 << 10, 4 << 20]
-#: This benchmark's chunk, not the engine's 1 MiB default: sizes up to 4 MiB
-#: run as one chunk, so each algorithm is timed on the whole message (as
-#: bench.overlap does; bench/results/algorithms*.json were recorded with it).
-CHUNK_BYTES = 4 << 20
+#: The engine's default chunk (1 MiB), the one training runs with and bench.netfit
+#: calibrates auto at: auto's thresholds are measured per chunk size, so a run at
+#: another chunk would check thresholds taken elsewhere (auto then falls back to
+#: the cost model and says so). Results recorded before this change used 4 MiB.
+CHUNK_BYTES = _progress.DEFAULT_CHUNK_BYTES
 
 
 def parse_args(argv=None):
@@ -117,18 +121,10 @@ def table(rows, link, ranks, auto):
 
 def measured_thresholds(rows):
     """auto's thresholds as this run measured them, for --thresholds / $EXCHANGER_AUTO_THRESHOLDS:
-    recursive doubling up to the first size where another fixed algorithm beat it, the ring
-    from the size on which it stayed the fastest (the model's rule, applied to measurements)."""
+    the rule bench.netfit's calibration applies (costmodel.measured_auto_thresholds)."""
     t = {(r["bytes"], r["algorithm"]): r["t_ms"] for r in rows}
     sizes = sorted({r["bytes"] for r in rows})
-    best = {n: min(FIXED, key=lambda a: t[n, a]) for n in sizes}
-    rd_below = next((n for n in sizes if best[n] != "recursive_doubling"), sizes[-1] + 1)
-    ring_from = "inf"
-    for n in reversed(sizes):
-        if best[n] != "ring" or n < rd_below:
-            break
-        ring_from = n
-    return f"recursive_doubling_below={rd_below},ring_from={ring_from}"
+    return cm.measured_auto_thresholds(sizes, {a: [t[n, a] for n in sizes] for a in FIXED}).spec()
 
 
 def plot(rows, path, link, ranks):
@@ -164,7 +160,7 @@ def main(argv=None):
     with Exchanger(chunk_bytes=args.chunk_bytes, max_inflight=args.max_inflight,
                    poll_us=args.poll_us, algorithm="auto", network=netfit,
                    auto_thresholds=args.thresholds) as ex:
-        auto = str(ex.auto) + ("" if args.thresholds else f" (from {os.path.relpath(netfit, ROOT)})")
+        auto = str(ex.auto)           # says where the thresholds came from
         if COMM.rank == 0 and not args.json:
             print(auto, flush=True)
         for nbytes in sizes:

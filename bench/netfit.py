@@ -33,6 +33,21 @@ repetitions after one untimed one, measured by rank 0 with every rank in step:
    request_cpu_s (large here, where 2 ranks and their progress threads share
    2 cores with whatever else runs; 0 on a node whose engine thread owns a core).
 
+6. auto's calibration: the engine's own allreduce algorithms ("mpi",
+   "recursive_doubling", "ring"), timed through one Exchanger at the
+   engine's default chunk (post + wait, float32 sum), over 4 KiB ..
+   --algorithms-max-bytes in factors of 2; each repetition runs the three
+   in a rotating order, and a time is the median over repetitions of the
+   slowest rank's. Written under "algorithms" (a list, one entry per P and
+   chunk_bytes, with the thresholds it gives; --algorithms-chunk-bytes
+   calibrates another chunk); Exchanger(algorithm="auto")
+   takes its thresholds from it (costmodel.measured_auto_thresholds).
+   ``--only-algorithms`` runs this sweep alone and merges it into the
+   existing -o file (replacing the entry for the same P and chunk):
+
+       bench/netlink --rate 1gbit -- mpiexec -n 2 python -m bench.netfit \\
+           --only-algorithms -o bench/results/netfit_1gbit.json
+
 Each fit is linear least squares on relative errors (each point weighted by
 1/t), with the parameters clipped at zero. The JSON holds the fitted "network" (the
 fields of costmodel.Network), the raw sweeps and the fit residuals.
@@ -44,6 +59,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 from mpi4py import MPI
@@ -60,7 +76,29 @@ def parse_args(argv=None):
                    help="approximate seconds of repetitions per size and sweep")
     p.add_argument("--link", default=os.environ.get("NETLINK_RATE", "loopback"))
     p.add_argument("-o", "--output", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--algorithms-max-bytes", type=int, default=64 << 20,
+                   help="largest request of auto's calibration sweep (6.)")
+    p.add_argument("--algorithms-budget-s", type=float, default=1.5,
+                   help="approximate seconds of repetitions per size of sweep 6 (3 algorithms)")
+    p.add_argument("--algorithms-chunk-bytes", type=int, default=cm.Engine().chunk_bytes,
+                   help="the Exchanger's chunk_bytes in sweep 6 (auto is calibrated per chunk; "
+                        "default the engine's)")
+    p.add_argument("--only-algorithms", action="store_true",
+                   help="run only sweep 6 and merge it into the existing -o file")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: sizes up to 256 KiB, short budgets")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_bytes = min(args.max_bytes, 256 << 10)
+        args.algorithms_max_bytes = min(args.algorithms_max_bytes, 256 << 10)
+        args.budget_s = min(args.budget_s, 0.05)
+        args.algorithms_budget_s = min(args.algorithms_budget_s, 0.05)
+    return args
+
+
+ALGORITHM_SIZES_FROM = 4 << 10
+ALGORITHM_MIN_REPS = 5
+FIXED_ALGORITHMS = ("mpi", "recursive_doubling", "ring")
 
 
 SMALL_BYTES = 2048          # latency-bound: alpha
@@ -180,6 +218,76 @@ def interference(comm, budget_s: float, blocks: int = 40, per_block: int = 4) ->
     return max(0.0, extra / (blocks * per_block))
 
 
+def algorithm_sweep(comm, max_bytes: int, budget_s: float, engine: cm.Engine) -> dict:
+    """Sweep 6: seconds per allreduce of each of the engine's algorithms, by request size.
+
+    Returns the "algorithms" entry of the netfit JSON for this P and chunk:
+    ranks, chunk_bytes, max_inflight, sizes (m,), median_s {algorithm: (m,)},
+    the tie tolerance and the thresholds they give.
+    """
+    sizes_, n = [], ALGORITHM_SIZES_FROM
+    while n <= max_bytes:
+        sizes_.append(n)
+        n *= 2
+    medians = {a: [] for a in FIXED_ALGORITHMS}
+    with Exchanger(comm, chunk_bytes=engine.chunk_bytes, max_inflight=engine.max_inflight) as ex:
+        def once(buf, algorithm):
+            comm.Barrier()
+            start = time.perf_counter()
+            ex.allreduce_async(buf, op="sum", algorithm=algorithm).wait()
+            return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+
+        for n in sizes_:
+            buf = np.ones(n // 4, np.float32)
+            first = sum(once(buf, a) for a in FIXED_ALGORITHMS)    # also warms every path up
+            reps = comm.bcast(int(min(200, max(ALGORITHM_MIN_REPS, budget_s / first))), root=0)
+            samples = {a: [] for a in FIXED_ALGORITHMS}
+            for rep in range(reps):          # rotating order: drift hits all three alike
+                for i in range(len(FIXED_ALGORITHMS)):
+                    a = FIXED_ALGORITHMS[(rep + i) % len(FIXED_ALGORITHMS)]
+                    samples[a].append(once(buf, a))
+            for a in FIXED_ALGORITHMS:
+                medians[a].append(float(np.median(samples[a])))
+    auto = cm.measured_auto_thresholds(sizes_, medians)
+    return {"ranks": comm.size, "chunk_bytes": engine.chunk_bytes,
+            "max_inflight": engine.max_inflight, "sizes": sizes_, "median_s": medians,
+            "tie": cm.MEASURED_TIE, "thresholds": auto.spec()}
+
+
+def merge_sweep(result: dict, sweep: dict) -> dict:
+    """`result` with `sweep` in its "algorithms" list, replacing one for the same P and chunk."""
+    kept = [s for s in result.get("algorithms") or []
+            if (s.get("ranks"), s.get("chunk_bytes")) != (sweep["ranks"], sweep["chunk_bytes"])]
+    return {**result, "algorithms": sorted(kept + [sweep],
+                                           key=lambda s: (s["ranks"], s["chunk_bytes"]))}
+
+
+def print_sweep(sweep: dict) -> None:
+    print(f"algorithms at P={sweep['ranks']}, chunk {sweep['chunk_bytes']} B "
+          f"(median of the slowest rank, us): {sweep['thresholds']}")
+    for i, n in enumerate(sweep["sizes"]):
+        t = {a: sweep["median_s"][a][i] for a in FIXED_ALGORITHMS}
+        print(f"  {n:>9} B  " + "  ".join(f"{a} {1e6 * t[a]:10.1f}" for a in FIXED_ALGORITHMS))
+
+
+def only_algorithms(comm, args) -> dict:
+    """--only-algorithms: sweep 6, merged into the -o file (created if missing)."""
+    if not args.output:
+        raise SystemExit("--only-algorithms needs -o FILE (the netfit JSON to merge into)")
+    sweep = algorithm_sweep(comm, args.algorithms_max_bytes, args.algorithms_budget_s,
+                            cm.Engine(chunk_bytes=args.algorithms_chunk_bytes))
+    result = {}
+    if comm.rank == 0:
+        if os.path.exists(args.output):
+            with open(args.output) as f:
+                result = json.load(f)
+        result = merge_sweep(result, sweep)
+        with open(args.output, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        print_sweep(sweep)
+    return result
+
+
 def main(argv=None):
     configure(progress_thread=True)
     args = parse_args(argv)
@@ -187,6 +295,8 @@ def main(argv=None):
     P = comm.size
     if P < 2:
         raise SystemExit("bench.netfit needs at least 2 ranks (mpiexec -n 2 ...)")
+    if args.only_algorithms:
+        return only_algorithms(comm, args)
     load = os.getloadavg()[0]
     ns = sizes(args.max_bytes)
 
@@ -246,6 +356,9 @@ def main(argv=None):
     poll_s, overhead, chunk_beta = _fit_offsets(cols, ex_arr, zero)
     # 5. interference: compute slowed down by the engine's thread (no core of its own)
     request_cpu = interference(comm, args.budget_s)
+    # 6. auto's calibration: the engine's algorithms timed against each other
+    algorithms = algorithm_sweep(comm, args.algorithms_max_bytes, args.algorithms_budget_s,
+                                 replace(engine, chunk_bytes=args.algorithms_chunk_bytes))
     net = cm.Network(alpha=float(alpha), beta=float(beta), gamma=gamma, poll_s=float(poll_s),
                      chunk_overhead_s=float(overhead), chunk_beta=float(chunk_beta),
                      request_cpu_s=float(request_cpu))
@@ -277,6 +390,10 @@ def main(argv=None):
         "sweep": sweep,
     }
     if comm.rank == 0:
+        if args.output and os.path.exists(args.output):     # keep sweeps for other P / chunks
+            with open(args.output) as f:
+                result["algorithms"] = json.load(f).get("algorithms") or []
+        result = merge_sweep(result, algorithms)
         text = json.dumps(result, indent=1)
         if args.output:
             with open(args.output, "w") as f:
@@ -293,6 +410,7 @@ def main(argv=None):
                   f"{1e6 * s['allreduce_s']:10.1f} (model {1e6 * s['model_allreduce_s']:10.1f})  "
                   f"engine {1e6 * s['exchanger_allreduce_s']:10.1f} "
                   f"(model {1e6 * s['model_exchanger_s']:10.1f})")
+        print_sweep(algorithms)
     return result
 
 

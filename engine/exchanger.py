@@ -85,29 +85,55 @@ def _signature(kind: int, count: int, dtype: np.dtype, op: str, priority: int,
     return (zlib.crc32(text) << 20) ^ (count & 0xFFFFF)
 
 
-def _auto_thresholds(network, fixed, size: int):
-    """``algorithm="auto"``'s thresholds: `fixed` (or $EXCHANGER_AUTO_THRESHOLDS) if
-    given, else computed by the cost model from the link's netfit for `size` ranks."""
+def _auto_thresholds(network, fixed, comm, chunk_bytes: int):
+    """``algorithm="auto"``'s thresholds and, if they could not be found, why.
+
+    Precedence: `fixed` (or $EXCHANGER_AUTO_THRESHOLDS); else the netfit file's
+    timed sweep of the algorithms for this P and `chunk_bytes`
+    (bench/netfit.py); else the cost model on its fitted network. The file is
+    read on rank 0 and the result broadcast, so that every rank holds the same
+    thresholds (each rank's own `fixed` is its own: a mismatch fails the
+    request on every rank through the signature check). Collective over `comm`.
+
+    Returns
+    -------
+    (AutoThresholds or None, Exception or None)
+    """
     # imported here, not at the top: costmodel imports the strategies, which import us
     from analysis import costmodel as cm
+    found = error = None
+    if comm.Get_rank() == 0:
+        try:
+            net = network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
+            if isinstance(net, cm.Network):
+                auto = cm.auto_thresholds(net, comm.Get_size())
+                found = cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from,
+                                          source="cost model from the given Network")
+            elif not os.path.exists(net):
+                raise FileNotFoundError(
+                    f'algorithm="auto" needs the link\'s netfit: {net} does not exist. Run '
+                    "bench/netfit.py, or pass network= or auto_thresholds= to the Exchanger")
+            else:
+                shown = os.path.relpath(net)        # as the user would type it, for printing
+                found = cm.netfit_auto_thresholds(net if shown.startswith("..") else shown,
+                                                  comm.Get_size(), chunk_bytes)
+        except Exception as exc:     # raised on every rank, when "auto" is asked for
+            error = exc
+    found, error = comm.bcast((found, error), root=0)
+    given = "given explicitly" if fixed else "from $EXCHANGER_AUTO_THRESHOLDS"
     fixed = fixed or os.environ.get("EXCHANGER_AUTO_THRESHOLDS")
     if isinstance(fixed, cm.AutoThresholds):
-        return fixed
+        return fixed, None
     if isinstance(fixed, str):
-        return cm.AutoThresholds.parse(fixed)
-    if isinstance(fixed, dict):
-        return cm.AutoThresholds(**fixed)
-    if fixed is not None:
+        auto = cm.AutoThresholds.parse(fixed)
+    elif isinstance(fixed, dict):
+        auto = cm.AutoThresholds(**fixed)
+    elif fixed is not None:
         raise TypeError(f"auto_thresholds must be a str, dict or AutoThresholds, "
                         f"got {type(fixed).__name__}")
-    net = network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
-    if not isinstance(net, cm.Network):
-        if not os.path.exists(net):
-            raise FileNotFoundError(
-                f'algorithm="auto" needs the link\'s fitted alpha-beta-gamma: {net} does not '
-                "exist. Run bench/netfit.py, or pass network= or auto_thresholds= to the Exchanger")
-        net = cm.Network.from_json(net)
-    return cm.auto_thresholds(net, size)
+    else:
+        return found, error
+    return cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from, source=given), None
 
 
 def _check_array(name: str, a, *, writable: bool) -> np.ndarray:
@@ -210,6 +236,13 @@ class Exchanger:
         one MPI_Iallreduce each, so that small urgent requests can overtake a
         large one between chunks. Default `ext._progress.DEFAULT_CHUNK_BYTES`
         (1 MiB), the engine's single source for it.
+    min_piece_bytes : int
+        Reduce-scatters, allgathers and all-to-alls are chunked along every
+        rank's block: chunk c is piece c of each block, chunk_bytes / P bytes
+        per block but never fewer than this (rounded down to whole elements;
+        0: no minimum), since each chunk pays P - 1 messages' latency. Default
+        `ext._progress.DEFAULT_MIN_PIECE_BYTES` (64 KiB). Must be the same on
+        every rank, like `chunk_bytes` (checked at construction).
     max_inflight : int
         Most MPI requests outstanding at once (a credit, as in ByteScheduler):
         few enough that priorities still matter, enough to keep the link busy.
@@ -240,13 +273,14 @@ class Exchanger:
         the chunk); or ``"auto"``, which picks one per request from the bytes
         of its chunk (see docs/allreduce_algorithms.md).
     network : str or costmodel.Network, optional
-        ``"auto"`` only: the link's fitted alpha-beta-gamma, a bench/netfit.py
-        JSON file or a Network. Default: $EXCHANGER_NETFIT, else
-        bench/results/netfit_loopback.json.
+        ``"auto"`` only: the link's bench/netfit.py JSON file (its timed sweep
+        of the algorithms for this P and `chunk_bytes` if it has one, else its
+        fitted alpha-beta-gamma) or a Network. Default: $EXCHANGER_NETFIT,
+        else bench/results/netfit_loopback.json. Read on rank 0.
     auto_thresholds : str, dict or costmodel.AutoThresholds, optional
-        ``"auto"`` only: fixed thresholds instead of the ones computed from
-        `network`, e.g. ``"recursive_doubling_below=65536,ring_from=inf"``
-        (also read from $EXCHANGER_AUTO_THRESHOLDS). See `auto`.
+        ``"auto"`` only: fixed thresholds instead of the ones from `network`,
+        e.g. ``"recursive_doubling_below=65536,ring_from=inf"`` (also read from
+        $EXCHANGER_AUTO_THRESHOLDS). See `auto`.
     stall_warn_s : float or None
         A `wait()` without timeout that lasts this long prints one line naming
         the ranks that have not posted the request, or do not answer at all
@@ -258,6 +292,7 @@ class Exchanger:
     """
 
     def __init__(self, comm=None, *, chunk_bytes: int = _progress.DEFAULT_CHUNK_BYTES,
+                 min_piece_bytes: int = _progress.DEFAULT_MIN_PIECE_BYTES,
                  max_inflight: int = _progress.DEFAULT_MAX_INFLIGHT,
                  poll_us: int = _progress.DEFAULT_POLL_US, pin_cpu: int | None = None,
                  trace: bool = False, close_timeout: float = 30.0, slice_us: int = 0, nice: int = 0,
@@ -273,6 +308,9 @@ class Exchanger:
             raise ValueError(f"chunk_bytes must be at least 8, got {chunk_bytes}")
         if int(chunk_bytes) // 4 > _INT_MAX:
             raise ValueError(f"chunk_bytes {chunk_bytes} exceeds MPI's int element count")
+        if not 0 <= int(min_piece_bytes) <= 4 * _INT_MAX:
+            raise ValueError(f"min_piece_bytes must be in [0, {4 * _INT_MAX}] (0: no minimum), "
+                             f"got {min_piece_bytes}")
         if not 1 <= int(max_inflight) <= _progress.MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {_progress.MAX_SLOTS}], "
                              f"got {max_inflight}")
@@ -286,15 +324,24 @@ class Exchanger:
         if not isinstance(base, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(base).__name__}")
         self.algorithm = self._check_algorithm(algorithm)
-        self._network, self._auto_thresholds = network, auto_thresholds
-        self._auto = None          # AutoThresholds, computed at the first "auto" request
-        if self.algorithm == "auto":
-            self._auto = _auto_thresholds(network, auto_thresholds, base.Get_size())
+        # chunking must agree, or ranks would post different numbers of chunks and hang
+        chunking = base.allgather((int(chunk_bytes), int(min_piece_bytes)))
+        if len(set(chunking)) > 1:
+            raise ValueError("chunk_bytes and min_piece_bytes must be the same on every rank; "
+                             "(chunk_bytes, min_piece_bytes) by rank: " + ", ".join(
+                                 f"{r}: {c}" for r, c in enumerate(chunking)))
+        # "auto"'s thresholds, found now (collectively) even if only a later call asks for
+        # them; an error is raised then, or now if the exchanger's own algorithm is "auto"
+        self._auto, self._auto_error = _auto_thresholds(network, auto_thresholds, base,
+                                                        int(chunk_bytes))
+        if self.algorithm == "auto" and self._auto_error is not None:
+            raise self._auto_error
         self._comm = base.Dup()
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.size = self._comm.Get_size()
         self.rank = self._comm.Get_rank()
         self.chunk_bytes = int(chunk_bytes)
+        self.min_piece_bytes = int(min_piece_bytes)
         self.max_inflight = int(max_inflight)
         self.poll_us = int(poll_us)
         self.close_timeout = float(close_timeout)
@@ -303,7 +350,8 @@ class Exchanger:
         self._closed = False
         self._engine = _progress.Engine(self._comm, self.chunk_bytes, self.max_inflight,
                                         self.poll_us, -1 if pin_cpu is None else int(pin_cpu),
-                                        bool(trace), int(slice_us), int(nice))
+                                        bool(trace), int(slice_us), int(nice),
+                                        self.min_piece_bytes)
         self._stall = None
         if stall_warn_s is not None or stall_timeout_s is not None:
             try:
@@ -374,11 +422,13 @@ class Exchanger:
     def auto(self):
         """The thresholds ``algorithm="auto"`` uses (a costmodel.AutoThresholds; print it).
 
-        Computed from `network` for this communicator's size, unless
-        `auto_thresholds` (or $EXCHANGER_AUTO_THRESHOLDS) fixes them.
+        `auto_thresholds` (or $EXCHANGER_AUTO_THRESHOLDS) if given; else the timed
+        sweep of the algorithms in `network`'s netfit file for this
+        communicator's size and `chunk_bytes`; else the cost model on its
+        fitted alpha-beta-gamma. ``str()`` says which (its ``source``).
         """
-        if self._auto is None:
-            self._auto = _auto_thresholds(self._network, self._auto_thresholds, self.size)
+        if self._auto_error is not None:
+            raise self._auto_error
         return self._auto
 
     def reduce_scatter_async(self, array: np.ndarray, out: np.ndarray, *, op: str = "mean",

@@ -21,6 +21,12 @@ cpdef enum:
     DEFAULT_CHUNK_BYTES = 1048576
     DEFAULT_MAX_INFLIGHT = 4    # credit: keeps the link busy, few enough for priorities
     DEFAULT_POLL_US = 200       # longest sleep between polls (the backoff's ceiling)
+    # Least bytes of one rank's piece in a reduce-scatter / allgather / all-to-all
+    # chunk: each chunk pays (P - 1) messages, so a piece of chunk_bytes / P would
+    # be all latency at large P. 64 KiB is >= 3x (alpha + per-chunk overhead) /
+    # beta on every link fitted here (loopback 11 KiB, 1 Gbit/s 3 KiB, 10 Gbit/s
+    # 21 KiB: bench/results/netfit_*.json), so a step's latency stays <= 25 %.
+    DEFAULT_MIN_PIECE_BYTES = 65536
 
 cdef enum:
     KIND_ALLREDUCE = 0
@@ -106,6 +112,7 @@ ctypedef struct engine_t:
     int size
     int rank
     long long chunk_bytes
+    long long min_piece_bytes   # least bytes per rank's piece (reduce-scatter, allgather, alltoall)
     int max_inflight
     long poll_us
     int pin_cpu

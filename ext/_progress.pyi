@@ -18,6 +18,7 @@ ERRMSG_LEN: int
 DEFAULT_CHUNK_BYTES: int
 DEFAULT_MAX_INFLIGHT: int
 DEFAULT_POLL_US: int
+DEFAULT_MIN_PIECE_BYTES: int
 
 # The C enums by name
 KINDS: dict[str, int]
@@ -51,7 +52,7 @@ class Engine:
     def leaked(self) -> bool: ...
     def __init__(self, comm: MPI.Comm, chunk_bytes: int, max_inflight: int, poll_us: int,
                  pin_cpu: int = ..., trace: bool = ..., slice_us: int = ...,
-                 nice: int = ...) -> None: ...
+                 nice: int = ..., min_piece_bytes: int = ...) -> None: ...
     def enqueue(self, kind: int, buf_address: int, out_address: int, count: int, itemsize: int,
                 op: str, priority: int, signature: int, counts: list[int] | None,
                 arrays: tuple[Any, ...], description: str, fault: bool = ...,

@@ -735,7 +735,8 @@ cdef class Engine:
     # __init__, not __cinit__, takes the arguments so that its signature is
     # introspectable (the .pyi stub is checked against it by stubtest).
     def __init__(self, MPI.Comm comm not None, long long chunk_bytes, int max_inflight,
-                 long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0):
+                 long poll_us, int pin_cpu=-1, bint trace=False, int slice_us=0, int nice=0,
+                 long long min_piece_bytes=DEFAULT_MIN_PIECE_BYTES):
         cdef pthread_condattr_t attr
         cdef int* tag_ub = NULL
         cdef int found = 0
@@ -743,6 +744,8 @@ cdef class Engine:
             raise RuntimeError("an Engine is initialised once")
         if max_inflight < 1 or max_inflight > MAX_SLOTS:
             raise ValueError(f"max_inflight must be in [1, {MAX_SLOTS}], got {max_inflight}")
+        if min_piece_bytes < 0:
+            raise ValueError(f"min_piece_bytes must be >= 0, got {min_piece_bytes}")
         self.e = <engine_t*>calloc(1, sizeof(engine_t))
         if self.e == NULL:
             raise MemoryError()
@@ -753,6 +756,7 @@ cdef class Engine:
         self.size = self.e.size
         self.rank = self.e.rank
         self.e.chunk_bytes = chunk_bytes
+        self.e.min_piece_bytes = min_piece_bytes
         self.e.max_inflight = max_inflight
         self.e.poll_us = poll_us
         self.e.pin_cpu = pin_cpu
@@ -856,7 +860,10 @@ cdef class Engine:
             r.nchunks = <int>((r.count + r.chunk_elems - 1) // r.chunk_elems)
         else:
             r.out = <char*>out_address
-            r.chunk_elems = max(1, self.e.chunk_bytes // r.itemsize // self.size)
+            # piece c of every rank's block: chunk_bytes / P in all, but never less than
+            # min_piece_bytes per rank, since each chunk pays (P - 1) messages' latency
+            r.chunk_elems = max(1, self.e.min_piece_bytes // r.itemsize,
+                                self.e.chunk_bytes // r.itemsize // self.size)
             r.nchunks = <int>((counts[0] + r.chunk_elems - 1) // r.chunk_elems)
             r.counts = <int*>malloc(self.size * sizeof(int))
             r.displs = <int*>malloc(self.size * sizeof(int))

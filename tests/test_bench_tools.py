@@ -108,3 +108,25 @@ def test_checkpoint_section_sorts_links_and_intervals():
     assert [line.split(" | ")[:3] for line in table] == [
         ["| loopback", "-", "none"], ["| loopback", "4", "sync"], ["| loopback", "16", "sync"],
         ["| 1gbit", "-", "none"], ["| 1gbit", "4", "async"]]
+
+
+def test_netfit_merges_one_algorithm_sweep_per_ranks_and_chunk():
+    from analysis import costmodel as cm
+    from bench import netfit
+
+    def sweep(ranks, chunk, rd):
+        return {"ranks": ranks, "chunk_bytes": chunk, "sizes": [4096, 8192],
+                "median_s": {"mpi": [1.0, 1.0], "recursive_doubling": [rd, rd],
+                             "ring": [2.0, 2.0]}}
+
+    fit = {"network": {"alpha": 1e-6, "beta": 1e-9}}
+    merged = netfit.merge_sweep(fit, sweep(4, 1 << 20, 0.5))
+    merged = netfit.merge_sweep(merged, sweep(2, 1 << 20, 0.5))
+    merged = netfit.merge_sweep(merged, sweep(2, 1 << 20, 2.0))     # replaces the first P = 2
+    assert merged["network"] == fit["network"] and "algorithms" not in fit
+    assert [(s["ranks"], s["chunk_bytes"]) for s in merged["algorithms"]] == [(2, 1 << 20),
+                                                                           (4, 1 << 20)]
+    found, _ = cm.measured_sweep(merged, 2, 1 << 20)
+    assert found["median_s"]["recursive_doubling"] == [2.0, 2.0]
+    assert cm.measured_sweep(merged, 3, 1 << 20) == (None, "it has measured sweeps for P=[2, 4], "
+                                                           "not P=3")

@@ -1,5 +1,6 @@
 """The cost model's textbook limits (analysis/costmodel.py); pure Python, no MPI ranks."""
 
+import json
 import math
 
 import pytest
@@ -120,6 +121,91 @@ def test_auto_thresholds_parse_and_print():
         cm.AutoThresholds.parse("rd=5")
 
 
+KIB = 1 << 10
+
+
+def test_measured_thresholds_follow_the_fastest_with_ties_to_mpi():
+    sizes = [4 * KIB, 8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB]
+    times = {"mpi": [1.0, 2.0, 3.0, 4.0, 5.0],
+             "recursive_doubling": [0.5, 1.5, 3.05, 5.0, 9.0],     # 16 KiB: within 3 % of mpi
+             "ring": [2.0, 3.0, 4.0, 3.0, 4.0]}
+    auto = cm.measured_auto_thresholds(sizes, times, source="synthetic")
+    # RD below the midpoint of 8 and 16 KiB, ring from that of 16 and 32 KiB
+    assert auto == cm.AutoThresholds(math.ceil(math.sqrt(8 * KIB * 16 * KIB)),
+                                     math.ceil(math.sqrt(16 * KIB * 32 * KIB)))
+    assert [auto.choose(n) for n in sizes] == ["recursive_doubling"] * 2 + ["mpi"] + ["ring"] * 2
+    assert "synthetic" in str(auto)
+    assert cm.AutoThresholds.parse(auto.spec()) == auto
+
+
+@given(st.lists(st.tuples(st.floats(0.1, 10), st.floats(0.1, 10), st.floats(0.1, 10)),
+                min_size=1, max_size=12),
+       st.sampled_from([0.0, 0.03, 0.1]))
+def test_measured_thresholds_never_lose_more_than_the_tie_to_mpi_or_the_best(rows, tie):
+    """Any timing table: at every measured size the pick is within `tie` of the
+    fastest and of mpi (noise below `tie` goes to mpi)."""
+    sizes = [4 * KIB << i for i in range(len(rows))]
+    times = {a: [r[i] for r in rows] for i, a in enumerate(("mpi", "recursive_doubling", "ring"))}
+    auto = cm.measured_auto_thresholds(sizes, times, tie=tie)
+    assert auto.recursive_doubling_below <= auto.ring_from or auto.ring_from == math.inf
+    for i, n in enumerate(sizes):
+        t = {a: times[a][i] for a in times}
+        chosen = t[auto.choose(n)]
+        assert chosen <= (1 + tie) * t["mpi"] + 1e-12
+
+
+def test_measured_thresholds_edge_cases():
+    sizes = [4 * KIB, 64 * KIB, 1 << 20]
+    fast, slow = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]
+    always_rd = cm.measured_auto_thresholds(sizes, {"mpi": slow, "recursive_doubling": fast,
+                                                    "ring": slow})
+    assert always_rd.recursive_doubling_below == math.inf and always_rd.ring_from == math.inf
+    assert always_rd.choose(1 << 30) == "recursive_doubling" and "any size" in str(always_rd)
+    never_ring = cm.measured_auto_thresholds(sizes, {"mpi": fast, "recursive_doubling": slow,
+                                                     "ring": slow})
+    assert never_ring == cm.AutoThresholds(0, math.inf)
+    always_ring = cm.measured_auto_thresholds(sizes, {"mpi": slow, "recursive_doubling": slow,
+                                                      "ring": fast})
+    assert always_ring == cm.AutoThresholds(0, 4 * KIB)
+    # noise: ring 2 % faster than mpi is a tie, which goes to mpi
+    noisy = cm.measured_auto_thresholds(sizes, {"mpi": fast, "recursive_doubling": slow,
+                                                "ring": [0.98 * t for t in fast]})
+    assert noisy == cm.AutoThresholds(0, math.inf)
+    with pytest.raises(ValueError, match="increasing"):
+        cm.measured_auto_thresholds([2, 1, 3], {a: fast for a in ("mpi", "recursive_doubling",
+                                                                  "ring")})
+    with pytest.raises(ValueError, match="lack ring"):
+        cm.measured_auto_thresholds(sizes, {"mpi": fast, "recursive_doubling": slow})
+
+
+def _netfit(tmp_path, sweeps):
+    d = {"network": {"alpha": 3e-6, "beta": 1e-9, "gamma": 3e-11}}
+    if sweeps is not None:
+        d["algorithms"] = sweeps
+    path = tmp_path / "netfit.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_netfit_thresholds_measured_for_this_p_and_chunk_else_the_model(tmp_path):
+    sweep = {"ranks": 2, "chunk_bytes": 1 << 20, "sizes": [4 * KIB, 8 * KIB],
+             "median_s": {"mpi": [1.0, 1.0], "recursive_doubling": [0.5, 2.0],
+                          "ring": [2.0, 2.0]}}
+    path = _netfit(tmp_path, [sweep])
+    measured = cm.netfit_auto_thresholds(path, 2, 1 << 20)
+    assert measured == cm.AutoThresholds(math.ceil(math.sqrt(4 * KIB * 8 * KIB)), math.inf)
+    assert "measured at P=2, chunk 1 MiB" in str(measured)
+    model = cm.auto_thresholds(cm.Network(alpha=3e-6, beta=1e-9, gamma=3e-11), 3)
+    other_p = cm.netfit_auto_thresholds(path, 3, 1 << 20)
+    assert other_p == model and "cost model" in str(other_p) and "not P=3" in str(other_p)
+    other_chunk = cm.netfit_auto_thresholds(path, 2, 4 << 20)
+    assert other_chunk == cm.auto_thresholds(cm.Network(alpha=3e-6, beta=1e-9, gamma=3e-11), 2)
+    assert "chunk 1 MiB, not 4 MiB" in str(other_chunk)
+    no_sweep = cm.netfit_auto_thresholds(_netfit(tmp_path, None), 2, 1 << 20)
+    assert "no measured sweep" in str(no_sweep)
+    assert cm.netfit_auto_thresholds(path, 1, 1 << 20) == cm.AutoThresholds()   # P = 1: none
+
+
 @pytest.mark.parametrize("P", [2, 3, 8])
 def test_simulation_runs_the_algorithm_the_engine_runs(P):
     layers = net_layers(grad=4096)              # 8 x 4 KiB: one 32 KiB allreduce when blocking
@@ -141,8 +227,26 @@ def test_engine_chunks_reduce_scatter_and_allgather_like_allreduce():
         assert len(sizes) == 10 and sum(sizes) == pytest.approx(10 << 20)
     odd = channel.chunk_sizes("allgather", 4 * 1001)       # slices of 251, 250, 250, 250
     assert len(odd) == 1 and odd[0] == pytest.approx(4 * 1001)
-    small = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=64))   # 4 elements per rank's piece
+    small = cm.Channel(GIGABIT, 4, cm.Engine(chunk_bytes=64, min_piece_bytes=0))  # 4 elements
     assert len(small.chunk_sizes("reduce_scatter", 4 * 1001)) == 63   # ceil(251 / 4)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 8192])
+def test_min_piece_bounds_the_chunks_of_reduce_scatter_allgather_alltoall(P):
+    """ext/_progress.pyx: a piece is max(min_piece_bytes, chunk_bytes / P) per rank."""
+    nbytes = 4 * 25_000_000                            # ~100 MB, VGG-16's largest tensor
+    for kind in ("reduce_scatter", "allgather", "alltoall"):
+        plain = cm.Channel(GIGABIT, P, cm.Engine(chunk_bytes=1 << 20, min_piece_bytes=0))
+        floor = cm.Channel(GIGABIT, P, cm.Engine(chunk_bytes=1 << 20, min_piece_bytes=65536))
+        slice_bytes = 4 * math.ceil(nbytes / 4 / P)
+        piece = 4 * ((1 << 20) // 4 // P)
+        assert len(plain.chunk_sizes(kind, nbytes)) == math.ceil(slice_bytes / piece)
+        assert len(floor.chunk_sizes(kind, nbytes)) == math.ceil(slice_bytes / max(piece, 65536))
+        assert sum(floor.chunk_sizes(kind, nbytes)) == pytest.approx(nbytes)
+    # at 8192 ranks a 128 B piece becomes 64 KiB: 96 chunks of (P - 1) alpha become one
+    if P == 8192:
+        assert len(plain.chunk_sizes("reduce_scatter", nbytes)) == 96
+        assert len(floor.chunk_sizes("reduce_scatter", nbytes)) == 1
 
 
 @given(st.integers(1, 1 << 28), st.integers(2, 10000))

@@ -59,7 +59,11 @@ def test_every_default_is_the_extensions():
     train = engine_train.parse_args([])
     assert (train.chunk_bytes, train.max_inflight) == engine[:2]
     # The two benchmarks that choose a larger chunk say so by name.
-    assert bench_overlap.CHUNK_BYTES == bench_algorithms.CHUNK_BYTES == 4 << 20
+    assert bench_overlap.CHUNK_BYTES == 4 << 20
+    # bench.algorithms checks auto at the chunk bench.netfit calibrates it at: the engine's
+    assert bench_algorithms.CHUNK_BYTES == _progress.DEFAULT_CHUNK_BYTES
+    assert _defaults(Exchanger.__init__, "min_piece_bytes") == (_progress.DEFAULT_MIN_PIECE_BYTES,)
+    assert cm.Engine().min_piece_bytes == _progress.DEFAULT_MIN_PIECE_BYTES
 
 
 def test_max_inflight_bound_is_max_slots():

@@ -8,6 +8,8 @@ doubling's fold, P = 4 its plain form; arbitrary sizes put empty ring blocks
 """
 
 import hashlib
+import json
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mpi4py import MPI
 
+from analysis import costmodel as cm
 from analysis.costmodel import AutoThresholds
 from engine import ExchangeError, Exchanger, partition
 
@@ -112,3 +115,77 @@ def test_auto_follows_its_thresholds_by_request_bytes():
         assert "recursive_doubling" in picked[16]
         assert "recursive_doubling" not in picked[4096] and "ring" not in picked[4096]
         assert "ring" in picked[1 << 18]
+
+
+def netfit_on_rank_0(tmp_path, sweep_ranks, chunk_bytes, rd_wins_up_to):
+    """A netfit JSON written by rank 0 only (the Exchanger reads it there), with a timed
+    sweep at `sweep_ranks` in which recursive doubling wins up to `rd_wins_up_to` bytes
+    and the ring from there on. The other ranks get a path to no file: the Exchanger
+    reads rank 0's and broadcasts what it found."""
+    if RANK == 0:
+        sizes = [4096 << i for i in range(6)]           # 4 KiB .. 128 KiB
+        sweep = {"ranks": sweep_ranks, "chunk_bytes": chunk_bytes, "sizes": sizes,
+                 "median_s": {"mpi": [1.0] * 6,
+                              "recursive_doubling": [0.5 if n <= rd_wins_up_to else 2.0
+                                                     for n in sizes],
+                              "ring": [2.0 if n <= rd_wins_up_to else 0.5 for n in sizes]}}
+        path = tmp_path / "netfit.json"
+        path.write_text(json.dumps({"network": {"alpha": 3e-6, "beta": 1e-9, "gamma": 3e-11},
+                                    "algorithms": [sweep]}))
+        return str(path)
+    return str(tmp_path / "absent.json")
+
+
+def test_auto_with_measured_thresholds_is_identical_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.delenv("EXCHANGER_AUTO_THRESHOLDS", raising=False)
+    path = netfit_on_rank_0(tmp_path, P, 4096, rd_wins_up_to=16384)
+    with Exchanger(algorithm="auto", network=path, chunk_bytes=4096) as ex:
+        auto = ex.auto
+        got = {}
+        for n in (1024, 1 << 16):      # 4 KiB (recursive doubling), 256 KiB (ring)
+            a = np.full(n, RANK + 1, np.float32)
+            h = ex.allreduce_async(a, op="sum")
+            got[n] = repr(h)
+            h.wait(WAIT_S)
+            np.testing.assert_array_equal(a, P * (P + 1) / 2)
+    assert len(set(COMM.allgather((auto.spec(), str(auto))))) == 1
+    if P > 1:
+        assert auto == AutoThresholds(math.ceil(math.sqrt(16384 * 32768)),
+                                      math.ceil(math.sqrt(16384 * 32768)))
+        assert f"measured at P={P}, chunk 4 KiB" in str(auto)
+        assert "recursive_doubling" in got[1024] and "ring" in got[1 << 16]
+
+
+def test_auto_thresholds_precedence(tmp_path, monkeypatch):
+    """explicit (or $EXCHANGER_AUTO_THRESHOLDS) > the netfit's sweep for this P and chunk
+    > the cost model on the netfit's network."""
+    monkeypatch.delenv("EXCHANGER_AUTO_THRESHOLDS", raising=False)
+    path = netfit_on_rank_0(tmp_path, P, 4096, rd_wins_up_to=16384)
+    explicit = "recursive_doubling_below=100,ring_from=inf"
+    with Exchanger(algorithm="auto", network=path, chunk_bytes=4096,
+                   auto_thresholds=explicit) as ex:
+        assert ex.auto == AutoThresholds(100, math.inf) and "explicitly" in str(ex.auto)
+    monkeypatch.setenv("EXCHANGER_AUTO_THRESHOLDS", explicit)
+    with Exchanger(algorithm="auto", network=path, chunk_bytes=4096) as ex:
+        assert ex.auto == AutoThresholds(100, math.inf) and "$EXCHANGER_AUTO" in str(ex.auto)
+    monkeypatch.delenv("EXCHANGER_AUTO_THRESHOLDS")
+    model = cm.auto_thresholds(cm.Network(alpha=3e-6, beta=1e-9, gamma=3e-11), P)
+    with Exchanger(algorithm="auto", network=path, chunk_bytes=8192) as ex:    # another chunk
+        assert ex.auto == model
+        assert "not 8 KiB" in str(ex.auto) if P > 1 else "one rank" in str(ex.auto)
+    other_p = netfit_on_rank_0(tmp_path, P + 1, 4096, rd_wins_up_to=16384)
+    with Exchanger(algorithm="auto", network=other_p, chunk_bytes=4096) as ex:
+        assert ex.auto == model
+        assert f"not P={P}" in str(ex.auto) if P > 1 else "one rank" in str(ex.auto)
+    # a missing file fails every rank, at once under "auto", at the first "auto" call
+    # otherwise (one rank never asks: it has nothing to exchange)
+    absent = str(tmp_path / "absent.json")
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
+        Exchanger(algorithm="auto", network=absent)
+    with Exchanger(network=absent) as ex:
+        if P > 1:
+            with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
+                ex.allreduce_async(np.ones(4, np.float32), algorithm="auto")
+        a = np.ones(4, np.float32)
+        ex.allreduce_async(a, op="sum").wait(WAIT_S)
+        np.testing.assert_array_equal(a, P)

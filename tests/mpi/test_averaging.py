@@ -7,6 +7,7 @@ within a tolerance; all ranks bitwise identical.
 """
 
 import hashlib
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mpi4py import MPI
 
+from analysis import costmodel as cm
 from engine import Exchanger, partition
+from ext import _progress
 
 COMM = MPI.COMM_WORLD
 P, RANK = COMM.size, COMM.rank
@@ -29,6 +32,8 @@ lengths = st.one_of(
 dtypes = st.sampled_from([np.float32, np.float64])
 ops = st.sampled_from(["mean", "sum"])
 chunk_sizes = st.sampled_from([8, 12, 100, 4096, 65536, 1 << 20, 4 << 20])
+# least bytes per rank's piece of a reduce-scatter/allgather/alltoall chunk (0: none)
+min_pieces = st.sampled_from([0, 12, 4096, _progress.DEFAULT_MIN_PIECE_BYTES])
 
 
 def bounded(chunk_bytes, n, dtype):
@@ -92,13 +97,15 @@ def test_allreduce_many_arrays_any_priority_any_wait_order(sizes, dtype, op, chu
 
 
 @given(n=lengths, dtype=dtypes, op=ops, integer=st.booleans(), chunk_bytes=chunk_sizes,
-       max_inflight=st.integers(1, 8))
-def test_reduce_scatter_then_allgather(n, dtype, op, integer, chunk_bytes, max_inflight):
+       max_inflight=st.integers(1, 8), min_piece_bytes=min_pieces)
+def test_reduce_scatter_then_allgather(n, dtype, op, integer, chunk_bytes, max_inflight,
+                                       min_piece_bytes):
     x = contribution(n, dtype, RANK, integer, salt=5)
     offset, count = partition(n, P)[RANK]
     mine = np.empty(count, dtype)
     full = np.full(n, np.nan, dtype)
-    with Exchanger(chunk_bytes=bounded(chunk_bytes, n, dtype), max_inflight=max_inflight) as ex:
+    with Exchanger(chunk_bytes=bounded(chunk_bytes, n, dtype), max_inflight=max_inflight,
+                   min_piece_bytes=min_piece_bytes) as ex:
         ex.reduce_scatter_async(x, mine, op=op).wait(WAIT_S)
         check_close(mine, expected(n, dtype, op, integer, salt=5)[offset:offset + count], integer)
         # in place: this rank's slice already sits in `full`
@@ -116,9 +123,9 @@ rows_shapes = st.sampled_from([(), (1,), (3,), (2, 5)])
 
 
 @given(n=lengths, rest=rows_shapes, dtype=dtypes, chunk_bytes=chunk_sizes,
-       max_inflight=st.integers(1, 8), priority=st.integers(-3, 3))
+       max_inflight=st.integers(1, 8), priority=st.integers(-3, 3), min_piece_bytes=min_pieces)
 def test_alltoall_delivers_the_transposed_blocks(n, rest, dtype, chunk_bytes, max_inflight,
-                                                 priority):
+                                                 priority, min_piece_bytes):
     n = n // max(1, int(np.prod(rest)))      # keep the message size of `lengths`
     def send_of(rank):
         # every value distinct across ranks and rows: a misplaced block cannot pass
@@ -128,7 +135,7 @@ def test_alltoall_delivers_the_transposed_blocks(n, rest, dtype, chunk_bytes, ma
     recv = np.full((P, count) + rest, np.nan, dtype)
     send = send_of(RANK)
     with Exchanger(chunk_bytes=bounded(chunk_bytes, send.size, dtype),
-                   max_inflight=max_inflight) as ex:
+                   max_inflight=max_inflight, min_piece_bytes=min_piece_bytes) as ex:
         ex.alltoall_async(send, recv, priority=priority).wait(WAIT_S)
     for p in range(P):
         np.testing.assert_array_equal(recv[p], send_of(p)[offset:offset + count])
@@ -141,13 +148,15 @@ def test_alltoall_delivers_the_transposed_blocks(n, rest, dtype, chunk_bytes, ma
         assert everything[r] == want.astype(dtype).tobytes()
 
 
-@given(m=st.integers(0, 300), rest=rows_shapes, dtype=dtypes, chunk_bytes=chunk_sizes)
-def test_reduce_scatter_and_allgather_by_rows(m, rest, dtype, chunk_bytes):
+@given(m=st.integers(0, 300), rest=rows_shapes, dtype=dtypes, chunk_bytes=chunk_sizes,
+       min_piece_bytes=min_pieces)
+def test_reduce_scatter_and_allgather_by_rows(m, rest, dtype, chunk_bytes, min_piece_bytes):
     """rows=True: rank r owns rows partition(m, P)[r] of an (m, *rest) array."""
     x = contribution(m * int(np.prod(rest)), dtype, RANK, True, salt=9).reshape((m,) + rest)
     offset, count = partition(m, P)[RANK]
     mine = np.empty((count,) + rest, dtype)
-    with Exchanger(chunk_bytes=bounded(chunk_bytes, x.size, dtype)) as ex:
+    with Exchanger(chunk_bytes=bounded(chunk_bytes, x.size, dtype),
+                   min_piece_bytes=min_piece_bytes) as ex:
         ex.reduce_scatter_async(x, mine, op="sum", rows=True).wait(WAIT_S)
         want = expected(x.size, dtype, "sum", True, salt=9).reshape((m,) + rest)
         np.testing.assert_array_equal(mine, want[offset:offset + count])
@@ -156,6 +165,46 @@ def test_reduce_scatter_and_allgather_by_rows(m, rest, dtype, chunk_bytes):
         ex.allgather_async(full[offset:offset + count], full, rows=True).wait(WAIT_S)
     np.testing.assert_array_equal(full, want)
     assert_same_on_every_rank(full)
+
+
+@pytest.mark.parametrize("min_piece_bytes", [0, 2048, 8192])
+def test_min_piece_sets_the_chunks_as_the_cost_model_counts_them(min_piece_bytes):
+    """chunk_bytes 4096: pieces of 4096 / P bytes per rank, unless min_piece_bytes is
+    larger; the engine's chunks (its trace) are the cost model's (Channel.chunk_sizes)."""
+    n = 10007                                      # float32: ~40 KiB, uneven slices
+    x = np.full(n, RANK + 1, np.float32)
+    offset, count = partition(n, P)[RANK]
+    mine = np.empty(count, np.float32)
+    full = np.empty(n, np.float32)
+    recv = np.empty(P * count, np.float32)
+    with Exchanger(chunk_bytes=4096, min_piece_bytes=min_piece_bytes, trace=True) as ex:
+        ex.reduce_scatter_async(x, mine, op="sum").wait(WAIT_S)
+        ex.allgather_async(mine, full).wait(WAIT_S)
+        ex.alltoall_async(x, recv).wait(WAIT_S)
+        events = ex.drain_trace()
+    np.testing.assert_array_equal(mine, P * (P + 1) / 2)
+    np.testing.assert_array_equal(full, P * (P + 1) / 2)
+    np.testing.assert_array_equal(recv.reshape(P, count), np.repeat(np.arange(1.0, P + 1)[:, None], count, 1))
+    chunks = {}
+    for seq, chunk, *_ in events:
+        chunks.setdefault(seq, set()).add(chunk)
+    channel = cm.Channel(cm.Network(alpha=1e-6, beta=1e-9), P,
+                         cm.Engine(chunk_bytes=4096, min_piece_bytes=min_piece_bytes))
+    want = [len(channel.chunk_sizes(kind, 4 * n))
+            for kind in ("reduce_scatter", "allgather", "alltoall")]
+    piece = max(min_piece_bytes, 4096 // P // 4 * 4)
+    assert want == [math.ceil(4 * partition(n, P)[0][1] / piece)] * 3
+    if P > 1:          # one rank posts nothing
+        assert [len(chunks[seq]) for seq in sorted(chunks)] == want
+    assert len(set(COMM.allgather(repr(sorted((s, sorted(c)) for s, c in chunks.items()))))) == 1
+
+
+def test_min_piece_bytes_is_checked():
+    with pytest.raises(ValueError, match="min_piece_bytes must be in"):
+        Exchanger(min_piece_bytes=-1)
+    if P > 1:
+        with pytest.raises(ValueError, match="the same on every rank"):
+            Exchanger(min_piece_bytes=4096 * (RANK + 1))
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 13, 100])
