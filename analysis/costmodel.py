@@ -412,7 +412,10 @@ class AutoThresholds:
     """How ``algorithm="auto"`` picks, by the bytes of a request (all its chunks alike).
 
     nbytes < recursive_doubling_below: "recursive_doubling"; nbytes >= ring_from:
-    "ring"; otherwise "mpi". Every rank must hold the same thresholds (the
+    "ring"; otherwise "mpi". Where measurements order the algorithms otherwise
+    (the ring best at a few MiB and MPI's own above, say), `bands` replaces
+    the two thresholds: ((below_bytes, algorithm), ...) with increasing
+    bounds, the last one inf. Every rank must hold the same thresholds (the
     chosen algorithm is part of the cross-rank signature check, so a mismatch
     fails the request on every rank rather than hanging).
     """
@@ -421,8 +424,21 @@ class AutoThresholds:
     ring_from: float = math.inf
     #: where the thresholds came from, for printing ("measured at P=2, ...")
     source: str = field(default="", compare=False)
+    bands: tuple = ()
+
+    def __post_init__(self):
+        if self.bands:
+            bounds = [float(b) for b, _ in self.bands]
+            if bounds != sorted(bounds) or bounds[-1] != math.inf:
+                raise ValueError(f"auto bands need increasing bounds ending with inf, got {bounds}")
+            unknown = [a for _, a in self.bands if a not in _FIXED]
+            if unknown:
+                raise ValueError(f"auto bands name unknown algorithms {unknown}; "
+                                 f"expected {', '.join(_FIXED)}")
 
     def choose(self, nbytes: float) -> str:
+        if self.bands:
+            return next(a for below, a in self.bands if nbytes < below)
         if nbytes < self.recursive_doubling_below:
             return "recursive_doubling"
         if nbytes >= self.ring_from:
@@ -432,34 +448,58 @@ class AutoThresholds:
     def __str__(self) -> str:
         def show(b):
             return "never" if b == math.inf else f"{int(b)} B"
+        suffix = f" ({self.source})" if self.source else ""
+        if self.bands:
+            parts = [f"{a} below {show(b)}" for b, a in self.bands[:-1]]
+            return f"auto: {', '.join(parts)}, {self.bands[-1][1]} above{suffix}"
         below = ("any size" if self.recursive_doubling_below == math.inf
                  else show(self.recursive_doubling_below))
         return (f"auto: recursive_doubling below {below}, "
-                f"ring from {show(self.ring_from)}, mpi in between"
-                + (f" ({self.source})" if self.source else ""))
+                f"ring from {show(self.ring_from)}, mpi in between" + suffix)
 
     def spec(self) -> str:
         """The EXCHANGER_AUTO_THRESHOLDS form, which `parse` reads back."""
         def show(b):
             return "inf" if b == math.inf else str(int(b))
+        if self.bands:
+            return "bands=" + ";".join(f"{a}:{show(b)}" for b, a in self.bands)
         return (f"recursive_doubling_below={show(self.recursive_doubling_below)},"
                 f"ring_from={show(self.ring_from)}")
 
     @classmethod
     def parse(cls, text: str) -> AutoThresholds:
-        """From "recursive_doubling_below=65536,ring_from=inf" (the EXCHANGER_AUTO_THRESHOLDS form)."""
+        """From "recursive_doubling_below=65536,ring_from=inf" or
+        "bands=recursive_doubling:65536;ring:4194304;mpi:inf" (the
+        EXCHANGER_AUTO_THRESHOLDS forms)."""
+        text = text.strip()
+        if text.startswith("bands="):
+            bands = []
+            for item in filter(None, (part.strip() for part in text[6:].split(";"))):
+                algorithm, _, below = item.partition(":")
+                try:
+                    bands.append((float(below), algorithm.strip()))
+                except ValueError:
+                    raise ValueError(f"bad auto band {item!r}: expected ALGORITHM:BYTES "
+                                     "(inf for the last)") from None
+            if not bands:
+                raise ValueError("bands= needs at least one ALGORITHM:BYTES band")
+            return cls(bands=tuple(bands))
         values = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, _, value = item.partition("=")
             if key.strip() not in ("recursive_doubling_below", "ring_from") or not value:
                 raise ValueError(f"bad auto threshold {item!r}: expected "
-                                 "recursive_doubling_below=BYTES and/or ring_from=BYTES")
+                                 "recursive_doubling_below=BYTES and/or ring_from=BYTES, "
+                                 "or bands=ALGORITHM:BYTES;...")
             try:
                 values[key.strip()] = float(value)
             except ValueError:
                 raise ValueError(f"bad auto threshold {item!r}: {value!r} is not a number "
                                  "of bytes (inf for never)") from None
         return cls(**values)
+
+    def with_source(self, source: str) -> AutoThresholds:
+        return AutoThresholds(self.recursive_doubling_below, self.ring_from, source, self.bands)
 
 
 def auto_thresholds(net: Network, P: int) -> AutoThresholds:
@@ -505,12 +545,14 @@ def measured_auto_thresholds(sizes, times: dict, tie: float = MEASURED_TIE,
     """auto's thresholds from timed runs of the three algorithms (bench/netfit.py).
 
     At each measured size the pick is "mpi" if it is within `tie` of the
-    fastest, else the fastest. Recursive doubling runs below the first size
-    whose pick is not recursive doubling, the ring from the size on which the
-    pick stays the ring; each threshold sits at the geometric midpoint of the
-    two grid points it separates (the ring's at the first point when the ring
-    is picked everywhere). Every measured size so gets an algorithm at most
-    `tie` slower than the fastest, and never slower than "mpi" by more than `tie`.
+    fastest, else the fastest. Where the picks run recursive doubling, then
+    "mpi", then the ring as the size grows (the order the cost model
+    expects), the result is the two classic thresholds; otherwise it is one
+    band per run of equal picks. Each boundary sits at the geometric midpoint
+    of the two grid points it separates; below the smallest and above the
+    largest size measured, the nearest pick holds. Every measured size so
+    gets an algorithm at most `tie` slower than the fastest, and never slower
+    than "mpi" by more than `tie`.
 
     Parameters
     ----------
@@ -538,16 +580,26 @@ def measured_auto_thresholds(sizes, times: dict, tie: float = MEASURED_TIE,
         picks.append("mpi" if t["mpi"] <= (1 + tie) * t[best] else best)
 
     def between(i):       # a threshold between grid points i - 1 and i
-        return math.ceil(math.sqrt(sizes[i - 1] * sizes[i])) if i > 0 else sizes[0]
+        return math.ceil(math.sqrt(sizes[i - 1] * sizes[i]))
 
-    first_other = next((i for i, a in enumerate(picks) if a != "recursive_doubling"), None)
-    rd_below = math.inf if first_other is None else (0 if first_other == 0 else between(first_other))
-    ring_from = math.inf
-    for i in reversed(range(first_other if first_other is not None else len(sizes), len(sizes))):
-        if picks[i] != "ring":
-            break
-        ring_from = between(i)
-    return AutoThresholds(rd_below, ring_from, source=source)
+    bands = []            # (first index, algorithm) of each run of equal picks
+    for i, a in enumerate(picks):
+        if not bands or bands[-1][1] != a:
+            bands.append((i, a))
+    order = [a for _, a in bands]
+    if order in ([], ["recursive_doubling"], ["mpi"], ["ring"], ["recursive_doubling", "mpi"],
+                 ["mpi", "ring"], ["recursive_doubling", "ring"],
+                 ["recursive_doubling", "mpi", "ring"]):
+        starts = {a: i for i, a in bands}
+        rd_below = (math.inf if order == ["recursive_doubling"]
+                    else 0 if "recursive_doubling" not in starts
+                    else between(bands[1][0]))
+        ring_from = (math.inf if "ring" not in starts
+                     else 0 if starts["ring"] == 0 else between(starts["ring"]))
+        return AutoThresholds(rd_below, ring_from, source=source)
+    bounds = [between(i) for i, _ in bands[1:]] + [math.inf]
+    return AutoThresholds(source=source, bands=tuple(
+        (b, a) for b, (_, a) in zip(bounds, bands, strict=True)))
 
 
 def _bytes_label(n: int) -> str:
@@ -592,8 +644,7 @@ def netfit_auto_thresholds(path: str, P: int, chunk_bytes: int) -> AutoThreshold
     if P <= 1:
         return AutoThresholds(source="one rank: nothing to exchange")
     auto = auto_thresholds(Network.from_dict(d.get("network", d)), P)
-    return AutoThresholds(auto.recursive_doubling_below, auto.ring_from,
-                          source=f"cost model from {path}; {why}")
+    return auto.with_source(f"cost model from {path}; {why}")
 
 
 # ---------------------------------------------------------------------------

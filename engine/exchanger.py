@@ -107,8 +107,7 @@ def _auto_thresholds(network, fixed, comm, chunk_bytes: int):
             net = network or os.environ.get("EXCHANGER_NETFIT") or DEFAULT_NETFIT
             if isinstance(net, cm.Network):
                 auto = cm.auto_thresholds(net, comm.Get_size())
-                found = cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from,
-                                          source="cost model from the given Network")
+                found = auto.with_source("cost model from the given Network")
             elif not os.path.exists(net):
                 raise FileNotFoundError(
                     f'algorithm="auto" needs the link\'s netfit: {net} does not exist. Run '
@@ -133,7 +132,7 @@ def _auto_thresholds(network, fixed, comm, chunk_bytes: int):
                         f"got {type(fixed).__name__}")
     else:
         return found, error
-    return cm.AutoThresholds(auto.recursive_doubling_below, auto.ring_from, source=given), None
+    return auto.with_source(given), None
 
 
 def _check_array(name: str, a, *, writable: bool) -> np.ndarray:

@@ -105,9 +105,9 @@ def test_checkpoint_section_sorts_links_and_intervals():
                  ("loopback", 4, "sync"), ("loopback", None, "none")])]
     lines = report.checkpoint_section(rows)
     table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
-    assert [line.split(" | ")[:3] for line in table] == [
-        ["| loopback", "-", "none"], ["| loopback", "4", "sync"], ["| loopback", "16", "sync"],
-        ["| 1gbit", "-", "none"], ["| 1gbit", "4", "async"]]
+    assert [line.split(" | ")[:4] for line in table] == [
+        ["| loopback", "", "-", "none"], ["| loopback", "", "4", "sync"],
+        ["| loopback", "", "16", "sync"], ["| 1gbit", "", "-", "none"], ["| 1gbit", "", "4", "async"]]
 
 
 def test_netfit_merges_one_algorithm_sweep_per_ranks_and_chunk():

@@ -152,6 +152,31 @@ def test_measured_thresholds_never_lose_more_than_the_tie_to_mpi_or_the_best(row
         t = {a: times[a][i] for a in times}
         chosen = t[auto.choose(n)]
         assert chosen <= (1 + tie) * t["mpi"] + 1e-12
+        assert chosen <= (1 + tie) * min(t.values()) + 1e-12
+    assert cm.AutoThresholds.parse(auto.spec()) == auto
+
+
+def test_measured_picks_out_of_the_model_order_become_bands():
+    """As measured on the 2-core VM's loopback: recursive doubling small, the
+    ring at a few MiB, MPI's own at 64 MiB; two thresholds cannot say that."""
+    sizes = [256 * KIB, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+    times = {"mpi": [3.3, 7.2, 43.0, 117.0, 409.0],
+             "recursive_doubling": [2.6, 7.0, 34.9, 89.7, 427.0],
+             "ring": [3.1, 7.1, 35.3, 98.3, 464.0]}
+    auto = cm.measured_auto_thresholds(sizes, times, source="loopback")
+    mid = [math.ceil(math.sqrt(a * b)) for a, b in zip(sizes, sizes[1:])]
+    assert auto.bands == ((mid[0], "recursive_doubling"), (mid[1], "mpi"),
+                          (mid[3], "recursive_doubling"), (math.inf, "mpi"))
+    assert [auto.choose(n) for n in sizes] == ["recursive_doubling", "mpi", "recursive_doubling",
+                                               "recursive_doubling", "mpi"]
+    assert "recursive_doubling below" in str(auto) and "mpi above (loopback)" in str(auto)
+    assert cm.AutoThresholds.parse(auto.spec()) == auto
+    with pytest.raises(ValueError, match="ending with inf"):
+        cm.AutoThresholds(bands=((10.0, "ring"),))
+    with pytest.raises(ValueError, match="unknown algorithms"):
+        cm.AutoThresholds.parse("bands=ring:10;tree:inf")
+    with pytest.raises(ValueError, match="ALGORITHM:BYTES"):
+        cm.AutoThresholds.parse("bands=ring:ten;mpi:inf")
 
 
 def test_measured_thresholds_edge_cases():
@@ -166,7 +191,7 @@ def test_measured_thresholds_edge_cases():
     assert never_ring == cm.AutoThresholds(0, math.inf)
     always_ring = cm.measured_auto_thresholds(sizes, {"mpi": slow, "recursive_doubling": slow,
                                                       "ring": fast})
-    assert always_ring == cm.AutoThresholds(0, 4 * KIB)
+    assert always_ring == cm.AutoThresholds(0, 0) and always_ring.choose(1) == "ring"
     # noise: ring 2 % faster than mpi is a tie, which goes to mpi
     noisy = cm.measured_auto_thresholds(sizes, {"mpi": fast, "recursive_doubling": slow,
                                                 "ring": [0.98 * t for t in fast]})
