@@ -21,7 +21,8 @@ once, in a rotating order, so that drift of a shared machine hits them
 alike; t_ms is the median over repetitions of the slowest rank's time.
 
 The JSON (--json on stdout, --json-out to a file) is a list of
-{link, algorithm, bytes, ranks, t_ms} (auto's rows add "chose"); the
+{link, algorithm, bytes, ranks, t_ms} (auto's rows add "chose", and the
+"thresholds" and their "source"); the
 markdown table adds auto / best and auto / mpi, the ratios of the target
 (auto within 5 % of the best fixed algorithm, never more than 5 % slower
 than mpi), and the thresholds the measurements themselves suggest (the
@@ -170,7 +171,7 @@ def main(argv=None):
                 row = {"link": args.link, "algorithm": a, "bytes": nbytes, "ranks": COMM.size,
                        "t_ms": round(1e3 * times[a], 4)}
                 if a == "auto":
-                    row["chose"] = chose
+                    row.update(chose=chose, thresholds=ex.auto.spec(), source=ex.auto.source)
                 rows.append(row)
     if COMM.rank != 0:
         return 0

@@ -328,8 +328,9 @@ def algorithms_section(rows):
     ranks = rows[0]["ranks"]
     lines = ["### Allreduce algorithms (bench/algorithms.py)", "",
              f"`mpiexec -n {ranks} python -m bench.algorithms` (inside `bench/netlink --rate R --` for "
-             "the emulated links): one float32 allreduce, median ms of the slowest rank; auto with "
-             "the thresholds the cost model computes from each link's fit (docs/allreduce_algorithms.md).",
+             "the emulated links): one float32 allreduce (op mean, 1 MiB chunks), median ms of the "
+             "slowest rank; auto's thresholds per link below the table "
+             "(docs/allreduce_algorithms.md).",
              "", "| link | size | mpi | recursive doubling | ring | auto (chose) | auto / best "
              "| auto / mpi |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
@@ -344,6 +345,11 @@ def algorithms_section(rows):
                      f"{t['recursive_doubling']['t_ms']:.3f} | {t['ring']['t_ms']:.3f} | "
                      f"{auto['t_ms']:.3f} ({auto.get('chose', '?')}) | {auto['t_ms'] / best:.2f} | "
                      f"{auto['t_ms'] / t['mpi']['t_ms']:.2f} |")
+    lines.append("")
+    for link in sorted({r["link"] for r in rows}, key=link_key):
+        auto = next((r for r in rows if r["link"] == link and "thresholds" in r), None)
+        if auto is not None:
+            lines.append(f"- {link}: `{auto['thresholds']}` ({auto['source'] or 'given'})")
     return lines + [""]
 
 
