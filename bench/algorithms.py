@@ -17,8 +17,9 @@ default bench/results/netfit_<link>.json) as the Exchanger takes them: its
 timed sweep of the algorithms for this P and chunk (bench/netfit.py, sweep
 6), else the cost model on its fitted alpha-beta-gamma; --thresholds fixes
 them. They are printed first, with where they came from. Each repetition runs the four algorithms
-once, in a rotating order, so that drift of a shared machine hits them
-alike; t_ms is the median over repetitions of the slowest rank's time.
+once, in an order shuffled per repetition (the same on every rank), so
+that drift of a shared machine, and the state a previous transfer leaves
+the link in, hit them alike; t_ms is the median over repetitions of the slowest rank's time.
 
 The JSON (--json on stdout, --json-out to a file) is a list of
 {link, algorithm, bytes, ranks, t_ms} (auto's rows add "chose", and the
@@ -43,7 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 from analysis import costmodel as cm
-from bench.common import parse_size, size_label
+from bench.common import parse_size, shuffled, size_label
 from engine import Exchanger
 from ext import _progress
 
@@ -99,8 +100,7 @@ def measure(ex, nbytes, args):
     reps = 3 if args.quick else int(min(args.max_reps, max(args.min_reps, args.budget_s / first)))
     samples = {a: [] for a in ALGORITHMS}
     for rep in range(reps):
-        for i in range(len(ALGORITHMS)):
-            a = ALGORITHMS[(rep + i) % len(ALGORITHMS)]
+        for a in shuffled(ALGORITHMS, rep):
             samples[a].append(time_once(ex, buf, a))
     return {a: statistics.median(s) for a, s in samples.items()}
 

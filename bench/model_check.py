@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--algorithm", default="mpi",
                    help="the exchanger's allreduce algorithm (mpi, recursive_doubling, ring, "
                         "auto: thresholds from the link's netfit file, as the model's)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="bench/step.py runs per strategy; the fastest is kept")
     p.add_argument("--netfit-dir", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--mpiexec", default=os.path.join(os.path.dirname(sys.executable), "mpiexec"))

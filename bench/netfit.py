@@ -35,10 +35,10 @@ repetitions after one untimed one, measured by rank 0 with every rank in step:
 
 6. auto's calibration: the engine's own allreduce algorithms ("mpi",
    "recursive_doubling", "ring"), timed through one Exchanger at the
-   engine's default chunk (post + wait, float32 sum), over 4 KiB ..
+   engine's default chunk (post + wait, float32 mean), over 4 KiB ..
    --algorithms-max-bytes in factors of 2; each repetition runs the three
-   in a rotating order, and a time is the median over repetitions of the
-   slowest rank's. Written under "algorithms" (a list, one entry per P and
+   in an order shuffled per repetition, and a time is the median, over
+   repetitions, of the slowest rank's. Written under "algorithms" (a list, one entry per P and
    chunk_bytes, with the thresholds it gives; --algorithms-chunk-bytes
    calibrates another chunk); Exchanger(algorithm="auto")
    takes its thresholds from it (costmodel.measured_auto_thresholds).
@@ -65,6 +65,7 @@ import numpy as np
 from mpi4py import MPI
 
 from analysis import costmodel as cm
+from bench.common import shuffled
 from cnn.runtime import configure
 from engine.exchanger import Exchanger
 
@@ -243,9 +244,8 @@ def algorithm_sweep(comm, max_bytes: int, budget_s: float, engine: cm.Engine) ->
             first = sum(once(buf, a) for a in FIXED_ALGORITHMS)    # also warms every path up
             reps = comm.bcast(int(min(200, max(ALGORITHM_MIN_REPS, budget_s / first))), root=0)
             samples = {a: [] for a in FIXED_ALGORITHMS}
-            for rep in range(reps):          # rotating order: drift hits all three alike
-                for i in range(len(FIXED_ALGORITHMS)):
-                    a = FIXED_ALGORITHMS[(rep + i) % len(FIXED_ALGORITHMS)]
+            for rep in range(reps):     # shuffled: drift and link state hit all three alike
+                for a in shuffled(FIXED_ALGORITHMS, rep):
                     samples[a].append(once(buf, a))
             for a in FIXED_ALGORITHMS:
                 medians[a].append(float(np.median(samples[a])))

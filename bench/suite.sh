@@ -94,10 +94,13 @@ for model in resnet20 vgg16-cifar; do
     done
 done
 
-# Allreduce algorithms side by side (docs/allreduce_algorithms.md)
+# Allreduce algorithms side by side (docs/allreduce_algorithms.md): auto's
+# thresholds are calibrated on the link first (merged into its netfit file)
 for link in "${links[@]}"; do
     echo "== allreduce algorithms on $link"
-    run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.algorithms --link "$link" \
+    run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.netfit --only-algorithms --algorithms-budget-s 3 \
+        -o "$OUT/netfit_$link.json" > /dev/null
+    run_on "$link" "$MPIEXEC" -n 2 "$PY" -m bench.algorithms --link "$link" --budget-s 6 \
         --json-out "$OUT/algorithms_$link.json" --md-out "$OUT/algorithms_$link.md" \
         --plot "$OUT/algorithms_$link.png" > /dev/null
 done
@@ -109,12 +112,22 @@ echo "== faults"
 # Ensembles, stragglers, background checkpoints (docs/ensemble.md, docs/stragglers.md)
 echo "== ensemble (shared vs separate pipeline)"
 "$PY" -m bench.ensemble --json-out "$OUT/ensemble_lenet-cifar.json" > /dev/null
+"$PY" -m bench.ensemble --pipeline-rank --json-out "$OUT/ensemble_lenet-cifar_pipeline-rank.json" > /dev/null
 "$PY" -m bench.ensemble --model resnet20 --json-out "$OUT/ensemble_resnet20.json" > /dev/null
 echo "== stragglers"
 "$MPIEXEC" -n 2 "$PY" -m bench.stragglers $([ "$mode" = full ] && echo --full) \
     --json-out "$OUT/stragglers.json" > /dev/null
 echo "== checkpoints, sync vs async"
-"$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --json-out "$OUT/checkpoint_async.json" > /dev/null
+for strategy in multistep priority; do
+    suffix=$([ "$strategy" = priority ] && echo _priority)
+    "$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --every 4,16 --strategy "$strategy" \
+        --json-out "$OUT/checkpoint_async$suffix.json" > /dev/null
+    if [ "$mode" = full ]; then
+        run_on 1gbit "$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --every 4,16 \
+            --strategy "$strategy" --link 1gbit --json-out "$OUT/checkpoint_async${suffix}_1gbit.json" \
+            > /dev/null
+    fi
+done
 
 if [ "$mode" = full ]; then
     echo "== cost model check and scaling simulation"
