@@ -23,11 +23,11 @@ from cnn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU
 from .model import Model
 
 
-def lenet(num_classes=10, rng=None):
-    """LeNet-5 shape on 1 x 28 x 28: feature maps 6 x 28^2, 6 x 14^2, 16 x 10^2, 16 x 5^2."""
+def _lenet5(name, input_shape, padding, num_classes, rng):
+    """The LeNet-5 layers after a first conv that sees `input_shape` with `padding`."""
     return Model(
-        "lenet", (1, 28, 28), num_classes,
-        ("conv1", Conv2D(1, 6, 5, padding=2, rng=rng)),
+        name, input_shape, num_classes,
+        ("conv1", Conv2D(input_shape[0], 6, 5, padding=padding, rng=rng)),
         ("relu1", ReLU()),
         ("pool1", MaxPool2D(2)),
         ("conv2", Conv2D(6, 16, 5, rng=rng)),
@@ -40,25 +40,16 @@ def lenet(num_classes=10, rng=None):
         ("relu4", ReLU()),
         ("fc3", Linear(84, num_classes, rng=rng)),
     )
+
+
+def lenet(num_classes=10, rng=None):
+    """LeNet-5 shape on 1 x 28 x 28: feature maps 6 x 28^2, 6 x 14^2, 16 x 10^2, 16 x 5^2."""
+    return _lenet5("lenet", (1, 28, 28), 2, num_classes, rng)
 
 
 def lenet_cifar(num_classes=10, rng=None):
     """LeNet-5 on 3 x 32 x 32: feature maps 6 x 28^2, 6 x 14^2, 16 x 10^2, 16 x 5^2."""
-    return Model(
-        "lenet-cifar", (3, 32, 32), num_classes,
-        ("conv1", Conv2D(3, 6, 5, rng=rng)),
-        ("relu1", ReLU()),
-        ("pool1", MaxPool2D(2)),
-        ("conv2", Conv2D(6, 16, 5, rng=rng)),
-        ("relu2", ReLU()),
-        ("pool2", MaxPool2D(2)),
-        ("flatten", Flatten()),
-        ("fc1", Linear(16 * 5 * 5, 120, rng=rng)),
-        ("relu3", ReLU()),
-        ("fc2", Linear(120, 84, rng=rng)),
-        ("relu4", ReLU()),
-        ("fc3", Linear(84, num_classes, rng=rng)),
-    )
+    return _lenet5("lenet-cifar", (3, 32, 32), 0, num_classes, rng)
 
 
 def digits(num_classes=10, rng=None):
