@@ -201,27 +201,25 @@ class Prefetcher:
                                             daemon=True)
             self._thread.start()
 
+    def _put(self, item) -> bool:
+        """Queue `item`, waiting for room; False if `close` stopped the thread first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self) -> None:
         try:
             for position in self._positions:
-                item = (self._produce(position), None)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put((self._produce(position), None)):
                     return
             item = (self._DONE, None)
         except BaseException as e:     # re-raised on the consuming thread by get()
             item = (None, e)
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._put(item)
 
     def get(self):
         """The next position's result; StopIteration after the last one."""
