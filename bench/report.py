@@ -239,31 +239,41 @@ def ensemble_section(rows):
 
 
 def ensemble_factor_section(rows):
-    """One row per model and K: both pipelines' CPU and img/s, the factor and its bound."""
+    """One row per model and K: each pipeline's CPU and img/s, its factor and the bound."""
     r0 = rows[0]
-    lines = ["### Ensemble training: shared vs separate data pipeline (bench/ensemble.py)", "",
+    ones = [p for p in ("shared", "distributed") if any(r["pipeline"] == p for r in rows)]
+    lines = ["### Ensemble training: one data pipeline vs one per member (bench/ensemble.py)", "",
              f"`python -m bench.ensemble [--model M]`: K members, one rank each, "
              f"{r0['timed_iters']} timed steps of {r0['batch_size']} CIFAR-shaped images (zlib "
              "decode, random crop + flip, normalisation), median of "
-             f"{r0['rounds']} alternating rounds. p/t: the pipeline's CPU per image over the "
-             "training's; the CPU factor (separate / shared) is bounded by K(p+t)/(p+Kt) "
-             "(docs/ensemble.md).", "",
-             "| model | K | pipeline rank | p/t | CPU s shared | CPU s separate "
-             "| CPU factor (bound) | img/s per member shared | separate |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    # A --pipeline-rank run (its shared jobs have one more rank) is its own pair.
+             f"{r0['rounds']} rounds. shared: rank 0 makes every batch; distributed: every rank "
+             "makes B/P samples of it; separate: every member makes its own. p/t: the "
+             "pipeline's CPU per image over the training's; the CPU factor (separate / one "
+             "pipeline) is bounded by K(p+t)/(p+Kt) (docs/ensemble.md).", "",
+             "| model | K | pipeline rank | p/t | CPU s "
+             + " | ".join(ones) + " | separate | CPU factor "
+             + " | ".join(f"{p} (bound)" if i == 0 else p for i, p in enumerate(ones))
+             + " | img/s per member " + " | ".join(ones) + " | separate |",
+             "|---|---:|---|---:|" + "---:|" * (3 * len(ones) + 2)]
+    # A --pipeline-rank run (its shared jobs have one more rank) is its own set.
     keys = sorted({(r["model"], r["members"], r.get("pipeline_rank_run", False)) for r in rows})
     for model, k, rank_run in keys:
-        pair = {r["pipeline"]: r for r in rows if r["model"] == model and r["members"] == k
+        runs = {r["pipeline"]: r for r in rows if r["model"] == model and r["members"] == k
                 and r.get("pipeline_rank_run", False) == rank_run}
-        if set(pair) != {"shared", "separate"}:
+        if "separate" not in runs or not set(ones) & set(runs):
             continue
-        shared, separate = pair["shared"], pair["separate"]
+        separate = runs["separate"]
+
+        def cell(p, key, fmt, runs=runs):
+            return format(runs[p][key], fmt) if p in runs else "-"
+        factors = [cell(p, "cpu_factor", ".2f") for p in ones]
+        factors[0] += f" ({separate['cpu_factor_bound']:.2f})"
         lines.append(f"| {model} | {k} | {'yes' if rank_run else 'no'} | "
-                     f"{shared['p_over_t']:.3f} | {shared['cpu_s']:.2f} | "
-                     f"{separate['cpu_s']:.2f} | {shared['cpu_factor']:.2f} "
-                     f"({shared['cpu_factor_bound']:.2f}) | {shared['img_s_per_member']:.1f} | "
-                     f"{separate['img_s_per_member']:.1f} |")
+                     f"{separate['p_over_t']:.3f} | "
+                     + " | ".join(cell(p, "cpu_s", ".2f") for p in ones)
+                     + f" | {separate['cpu_s']:.2f} | " + " | ".join(factors) + " | "
+                     + " | ".join(cell(p, "img_s_per_member", ".1f") for p in ones)
+                     + f" | {separate['img_s_per_member']:.1f} |")
     lines.append("")
     for model in sorted({m for m, _, _ in keys}):
         if os.path.exists(os.path.join(RESULTS, f"ensemble_{model}.png")):

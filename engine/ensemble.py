@@ -16,11 +16,14 @@ global batch once and scatters every rank its shard, posted
 ``--pipeline-depth - 1`` steps ahead so the delivery overlaps compute and
 members may run ahead of rank 0 (engine/pipeline.py); with
 ``--pipeline-rank`` rank 0 runs only the pipeline and the members train on
-ranks 1..P-1, so no member's step waits for another's data work. ``--pipeline
-separate``: every member runs its own pipeline for its shards, as K
-independent jobs would. Both give bitwise the same batches and the same
-weights; both make their batches ``--prefetch`` steps ahead on a background
-thread. The reported ``cpu_s`` (all ranks, all threads), ``pipeline_cpu_s``
+ranks 1..P-1, so no member's step waits for another's data work.
+``--pipeline distributed``: the same single pipeline with its work spread
+over all ranks; the ranks that need the same shard (one per member) each
+make a piece and allgather it, so no rank makes more than B/P samples a
+step. ``--pipeline separate``: every member runs its own pipeline for its
+shards, as K independent jobs would. All three give bitwise the same
+batches and the same weights; all make their batches ``--prefetch`` steps
+ahead on a background thread. The reported ``cpu_s`` (all ranks, all threads), ``pipeline_cpu_s``
 and ``wall_s`` leave out the first ``--timing-warmup`` iterations.
 
 After every epoch each member's held-out accuracy and the ensemble's (class
@@ -56,7 +59,13 @@ from cnn.data import (
 )
 from cnn.optim import SGD
 from cnn.runtime import configure
-from engine.pipeline import CompressedImages, Pipeline, SeparateDelivery, SharedDelivery
+from engine.pipeline import (
+    CompressedImages,
+    DistributedDelivery,
+    Pipeline,
+    SeparateDelivery,
+    SharedDelivery,
+)
 from engine.strategies import STRATEGIES
 from engine.train import (
     CHECKPOINT_NAME,
@@ -71,7 +80,7 @@ from engine.train import (
 from engine.trainer import NonFiniteError, ReplicaDivergenceError, Trainer
 
 DATASETS = ("digits", "synthetic", "synthetic-cifar", "mnist", "cifar10")
-PIPELINES = ("shared", "separate")
+PIPELINES = ("shared", "distributed", "separate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -396,11 +405,12 @@ def resume_member(args, m: int, spec: dict, model, optimizer) -> int:
 def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, local_rank,
           group_size, num_classes) -> dict:
     rank, k = comm.Get_rank(), len(specs)
-    if args.pipeline == "shared":
-        delivery = SharedDelivery(pipeline, comm, local_rank, group_size,
-                                  models.MODELS[args.model].input_shape,
-                                  depth=args.pipeline_depth, prefetch=args.prefetch)
-        # Between layers MPI gets a chance to move the scatters in flight.
+    if args.pipeline in ("shared", "distributed"):
+        posted = SharedDelivery if args.pipeline == "shared" else DistributedDelivery
+        delivery = posted(pipeline, comm, local_rank, group_size,
+                          models.MODELS[args.model].input_shape,
+                          depth=args.pipeline_depth, prefetch=args.prefetch)
+        # Between layers MPI gets a chance to move the collectives in flight.
         hooks = [m["model"].register_pre_forward_hook(lambda i, layer: delivery.progress())
                  for m in members]
     else:

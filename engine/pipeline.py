@@ -1,7 +1,7 @@
 """The input pipeline of ensemble training: read, decode, augment, normalise,
 and how its batches reach the members (engine/ensemble.py).
 
-Two deliveries with the same interface and bitwise the same batches:
+Three deliveries with the same interface and bitwise the same batches:
 
 - `SharedDelivery`: rank 0 runs the pipeline once per global batch and every
   rank receives its shard with a non-blocking ``MPI_Iscatter`` posted
@@ -9,6 +9,11 @@ Two deliveries with the same interface and bitwise the same batches:
   a member may run ahead of rank 0 by that many steps. Ranks of different
   members with the same rank inside their member receive the same shard; the
   pipeline work is done once for all K members.
+- `DistributedDelivery`: the same single pipeline, its work spread over all
+  ranks. The ranks that need the same shard (one per member) each make a
+  piece of it and assemble the shard with a non-blocking ``MPI_Iallgatherv``,
+  posted ahead like the scatters. Every sample is made once, and no rank
+  makes more than B/P samples a step: the pipeline is nobody's extra work.
 - `SeparateDelivery`: every rank runs the pipeline for its own shard, once per
   member it trains: K pipelines doing the same reading, decoding and
   augmentation, the baseline of Pittman et al. (SC18).
@@ -39,8 +44,8 @@ from mpi4py import MPI
 
 from cnn.data import ShardedSampler, crop_flip
 
-__all__ = ["CompressedImages", "Pipeline", "Prefetcher", "SeparateDelivery", "SharedDelivery",
-           "wait_quietly"]
+__all__ = ["CompressedImages", "DistributedDelivery", "Pipeline", "Prefetcher",
+           "SeparateDelivery", "SharedDelivery", "wait_quietly"]
 
 
 class CompressedImages:
@@ -293,7 +298,90 @@ class SeparateDelivery:
             self._prefetcher = None
 
 
-class SharedDelivery:
+class _PostedDelivery:
+    """What the deliveries through MPI share: receive slots used round-robin,
+    collectives posted ``depth - 1`` steps ahead, quiet waits.
+
+    A subclass says which ranks run the pipeline (`_makes_batches`), what they
+    make for a step (`_make`, on the prefetch thread) and which non-blocking
+    collectives move it into a slot (`_requests`). It owns `comm` and frees it.
+    """
+
+    def __init__(self, pipeline: Pipeline, comm, shard: int, sample_shape, depth: int,
+                 prefetch: int):
+        name = type(self).__name__
+        if depth < 2:
+            raise ValueError(f"{name}: depth must be >= 2 (double buffering), got {depth}")
+        if prefetch < 0:
+            raise ValueError(f"{name}: prefetch must be >= 0, got {prefetch}")
+        self.pipeline = pipeline
+        self.comm = comm
+        self.shard = shard
+        self.sample_shape = tuple(sample_shape)
+        self.depth = depth
+        self.prefetch = prefetch
+        self._x = np.empty((depth, shard, *self.sample_shape), np.float32)
+        self._y = np.empty((depth, shard), np.int64)
+        self._posted = self._remaining = 0
+        self._pending = deque()
+        self._prefetcher = None
+
+    def _makes_batches(self) -> bool:
+        raise NotImplementedError
+
+    def _make(self, position):
+        raise NotImplementedError
+
+    def _requests(self, made, x: np.ndarray, y: np.ndarray) -> list:
+        raise NotImplementedError
+
+    def start(self, positions) -> None:
+        """Post the first ``depth - 1`` steps of the (epoch, step) sequence (every rank)."""
+        positions = list(positions)
+        self._remaining = len(positions)
+        if self._makes_batches():
+            self._prefetcher = Prefetcher(self._make, positions, self.prefetch)
+        for _ in range(self.depth - 1):
+            self._post()
+
+    def _post(self) -> None:
+        if not self._remaining:
+            return
+        self._remaining -= 1
+        slot = self._posted % self.depth
+        self._posted += 1
+        x, y = self._x[slot], self._y[slot]
+        made = self._prefetcher.get() if self._prefetcher is not None else None
+        # `made` (the send buffers) stays referenced until the requests complete.
+        self._pending.append((self._requests(made, x, y), x, y, made))
+
+    def next(self):
+        """Post the step ``depth - 1`` ahead, wait for this step's shard; a
+        function returning (x, y), valid until the next call."""
+        if not self._pending:
+            raise RuntimeError(f"{type(self).__name__}: no step left to deliver")
+        # This step's slot is not the one the new post fills: depth >= 2.
+        requests, x, y, _ = self._pending.popleft()
+        self._post()
+        wait_quietly(requests)
+        return lambda: (x, y)
+
+    def progress(self) -> None:
+        """Let MPI move the collectives in flight (called between layers)."""
+        for requests, *_ in self._pending:
+            MPI.Request.Testall(requests)
+
+    def close(self) -> None:
+        """Complete whatever is in flight (every rank posted the same steps), free the comm."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+        while self._pending:
+            wait_quietly(self._pending.popleft()[0])
+        self.comm.Free()
+
+
+class SharedDelivery(_PostedDelivery):
     """Rank 0 runs the pipeline; every rank gets its shard by ``Iscatter``,
     ``depth - 1`` steps ahead.
 
@@ -324,27 +412,17 @@ class SharedDelivery:
 
     def __init__(self, pipeline: Pipeline, comm, local_rank: int, group_size: int,
                  sample_shape, depth: int = 3, prefetch: int = 2):
-        if depth < 2:
-            raise ValueError(f"SharedDelivery: depth must be >= 2 (double buffering), got {depth}")
-        if prefetch < 0:
-            raise ValueError(f"SharedDelivery: prefetch must be >= 0, got {prefetch}")
-        self.pipeline = pipeline
-        self.comm = comm.Dup()
+        super().__init__(pipeline, comm.Dup(), pipeline.global_batch // group_size,
+                         sample_shape, depth, prefetch)
         # Root sends shard local_rank(r) to rank r: ranks of different members
         # with the same local rank get the same samples.
         self.shard_of_rank = np.asarray(self.comm.gather(local_rank, root=self.ROOT))
         self.group_size = group_size
-        self.shard = pipeline.global_batch // group_size
-        self.sample_shape = tuple(sample_shape)
-        self.depth = depth
-        self.prefetch = prefetch
-        self._x = np.empty((depth, self.shard, *self.sample_shape), np.float32)
-        self._y = np.empty((depth, self.shard), np.int64)
-        self._posted = self._remaining = 0
-        self._pending = deque()
-        self._prefetcher = None
 
-    def _send_buffers(self, position):
+    def _makes_batches(self) -> bool:
+        return self.comm.rank == self.ROOT
+
+    def _make(self, position):
         """Rank 0: the batch at `position`, laid out as (size, B/G, ...) send buffers."""
         bx, by = self.pipeline.batch(*position)
         # Rank r's row is its shard; the copy lets every rank's row be one
@@ -352,51 +430,52 @@ class SharedDelivery:
         return (bx.reshape(self.group_size, self.shard, *self.sample_shape)[self.shard_of_rank],
                 by.reshape(self.group_size, self.shard)[self.shard_of_rank])
 
-    def start(self, positions) -> None:
-        """Post the first ``depth - 1`` steps of the (epoch, step) sequence (every rank)."""
-        positions = list(positions)
-        self._remaining = len(positions)
-        if self.comm.rank == self.ROOT:
-            self._prefetcher = Prefetcher(self._send_buffers, positions, self.prefetch)
-        for _ in range(self.depth - 1):
-            self._post()
+    def _requests(self, made, x, y) -> list:
+        send_x, send_y = made if made is not None else (None, None)
+        return [self.comm.Iscatter(send_x, x, root=self.ROOT),
+                self.comm.Iscatter(send_y, y, root=self.ROOT)]
 
-    def _post(self) -> None:
-        if not self._remaining:
-            return
-        self._remaining -= 1
-        slot = self._posted % self.depth
-        self._posted += 1
-        x, y = self._x[slot], self._y[slot]
-        send_x = send_y = None
-        if self.comm.rank == self.ROOT:
-            send_x, send_y = self._prefetcher.get()
-        requests = [self.comm.Iscatter(send_x, x, root=self.ROOT),
-                    self.comm.Iscatter(send_y, y, root=self.ROOT)]
-        # The send buffers stay referenced until the requests complete.
-        self._pending.append((requests, x, y, send_x, send_y))
 
-    def next(self):
-        """Post the step ``depth - 1`` ahead, wait for this step's shard; a
-        function returning (x, y), valid until the next call."""
-        if not self._pending:
-            raise RuntimeError("SharedDelivery: no step left to deliver")
-        # This step's slot is not the one the new post fills: depth >= 2.
-        requests, x, y, _, _ = self._pending.popleft()
-        self._post()
-        wait_quietly(requests)
-        return lambda: (x, y)
+class DistributedDelivery(_PostedDelivery):
+    """The pipeline's work spread over every rank; each shard assembled by ``Iallgatherv``.
 
-    def progress(self) -> None:
-        """Let MPI move the scatters in flight (called between layers)."""
-        for requests, *_ in self._pending:
-            MPI.Request.Testall(requests)
+    The ranks that need the same shard (one per member: the "column" of
+    local rank l) split it: column rank j makes samples
+    ``partition(B/G, C)[j]`` of shard l, C ranks in the column, and an
+    allgather inside the column gives each of them the whole shard, posted
+    ``depth - 1`` steps ahead. Every sample is still made once, as in
+    `SharedDelivery`, but no rank makes more than ``B/P`` of them per step
+    (with K <= P), K times fewer than a rank of `SeparateDelivery` makes: the
+    pipeline stops being one rank's extra work that the members wait for.
 
-    def close(self) -> None:
-        """Complete whatever is in flight (every rank posted the same steps), free the comm."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-        while self._pending:
-            wait_quietly(self._pending.popleft()[0])
-        self.comm.Free()
+    Collective over `comm`; parameters as `SharedDelivery`.
+    """
+
+    def __init__(self, pipeline: Pipeline, comm, local_rank: int, group_size: int,
+                 sample_shape, depth: int = 3, prefetch: int = 2):
+        shard = pipeline.global_batch // group_size
+        super().__init__(pipeline, comm.Split(local_rank, comm.rank), shard, sample_shape,
+                         depth, prefetch)
+        column = self.comm.size
+        # The standard partition: the first shard % C pieces one sample larger.
+        counts = [shard // column + (j < shard % column) for j in range(column)]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        j = self.comm.rank
+        self.lo = local_rank * shard + starts[j]
+        self.hi = self.lo + counts[j]
+        per_sample = int(np.prod(self.sample_shape))
+        self._counts_x = ([c * per_sample for c in counts], [s * per_sample for s in starts])
+        self._counts_y = (counts, starts)
+
+    def _makes_batches(self) -> bool:
+        return True
+
+    def _make(self, position):
+        if self.hi == self.lo:      # a shard smaller than its column: nothing to make here
+            return (np.empty((0, *self.sample_shape), np.float32), np.empty(0, np.int64))
+        return self.pipeline.batch(*position, self.lo, self.hi)
+
+    def _requests(self, made, x, y) -> list:
+        piece_x, piece_y = made
+        return [self.comm.Iallgatherv(piece_x, [x, *self._counts_x, MPI.FLOAT]),
+                self.comm.Iallgatherv(piece_y, [y, *self._counts_y, MPI.INT64_T])]

@@ -81,10 +81,19 @@ def test_ensemble_factor_and_its_bound_come_from_the_measured_cpu():
     add_factors(rows)
     for r in rows:
         assert r["p_over_t"] == pytest.approx(0.25)
-        assert r["cpu_factor"] == pytest.approx(1.0 / 0.9, abs=1e-3)
+        assert r["cpu_factor"] == pytest.approx(1.0 / r["cpu_s"], abs=1e-3)   # 1 for separate
         assert r["cpu_factor_bound"] == pytest.approx(2 * 1.25 / 2.25, abs=1e-3)
+        assert r["speed_vs_separate"] == 1.0
     text = table(rows)
     assert "| lenet-cifar | 2 | shared | 0.90 |" in text and "1.11 (1.11)" in text
+    # A distributed run at the same K gets its own factor and speed, against separate.
+    rows.append(dict(record(2, "distributed", 0.8, 0.1, 100), img_s_per_member=60.0))
+    add_factors(rows)
+    assert rows[-1]["cpu_factor"] == 1.25 and rows[-1]["speed_vs_separate"] == 1.2
+    section = report.ensemble_factor_section(rows)
+    assert ("| lenet-cifar | 2 | no | 0.250 | 0.90 | 0.80 | 1.00 | 1.11 (1.11) | 1.25 | "
+            "50.0 | 60.0 | 50.0 |") in section
+    rows.pop()
     section = report.ensemble_section(rows + [{"img_s_per_member": 1.0, "members": 1}])
     line = next(s for s in section if s.startswith("| lenet-cifar | 2 |"))
     assert line == "| lenet-cifar | 2 | no | 0.250 | 0.90 | 1.00 | 1.11 (1.11) | 50.0 | 50.0 |"

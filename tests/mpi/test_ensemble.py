@@ -13,7 +13,7 @@ from mpi4py import MPI
 from cnn.checkpoint import load_checkpoint
 from cnn.data import load_digits
 from engine import ensemble, train
-from engine.pipeline import Pipeline, SeparateDelivery, SharedDelivery
+from engine.pipeline import DistributedDelivery, Pipeline, SeparateDelivery, SharedDelivery
 
 WORLD = MPI.COMM_WORLD
 BATCH = 24          # divisible by every group size 1..4
@@ -27,9 +27,9 @@ def shared_tmpdir():
     return WORLD.bcast(path, root=0)
 
 
-def digits_pipeline(crop_pad):
+def digits_pipeline(crop_pad, batch=BATCH):
     x, y = load_digits("train")
-    return Pipeline(lambda idx: (x[idx], y[idx]), len(x), BATCH, seed=3, crop_pad=crop_pad)
+    return Pipeline(lambda idx: (x[idx], y[idx]), len(x), batch, seed=3, crop_pad=crop_pad)
 
 
 def assert_same_checkpoint(a, b, what):
@@ -43,25 +43,22 @@ def assert_same_checkpoint(a, b, what):
         np.testing.assert_array_equal(a.buffers[name], b.buffers[name], err_msg=f"{what}: {name}")
 
 
-@pytest.mark.parametrize("k", MEMBER_COUNTS)
-@pytest.mark.parametrize("crop_pad", [0, 1])
-# Double buffering made on the training thread; more steps in flight than there are.
-@pytest.mark.parametrize("depth, prefetch", [(2, 0), (5, 2)])
-def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, crop_pad, depth,
-                                                                          prefetch):
+def check_delivery(delivery_class, k, crop_pad, depth, prefetch, shard=None):
+    """Every rank's shard, step by step, is its slice of the pipeline's batch."""
     color, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
-    pipeline = digits_pipeline(crop_pad)
+    batch = BATCH if shard is None else shard * group_size
+    pipeline = digits_pipeline(crop_pad, batch)
     positions = [(0, 0), (0, 1), (1, 0), (3, 5)]
-    shared = SharedDelivery(pipeline, WORLD, local_rank, group_size, (1, 8, 8), depth=depth,
-                            prefetch=prefetch)
-    separate = SeparateDelivery(digits_pipeline(crop_pad), local_rank, group_size)
-    shared.start(positions)
+    delivery = delivery_class(pipeline, WORLD, local_rank, group_size, (1, 8, 8), depth=depth,
+                              prefetch=prefetch)
+    separate = SeparateDelivery(digits_pipeline(crop_pad, batch), local_rank, group_size)
+    delivery.start(positions)
     separate.start(positions)
     group = WORLD.Split(color, WORLD.rank)
     try:
         for epoch, step in positions:
-            x, y = shared.next()()
-            assert x.dtype == np.float32 and x.shape == (BATCH // group_size, 1, 8, 8)
+            x, y = delivery.next()()
+            assert x.dtype == np.float32 and x.shape == (batch // group_size, 1, 8, 8)
             # The shards of a member's ranks put together are exactly the pipeline's batch ...
             full_x, full_y = pipeline.batch(epoch, step)
             np.testing.assert_array_equal(np.concatenate(group.allgather(x)), full_x)
@@ -71,13 +68,40 @@ def test_shared_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(k, cro
             np.testing.assert_array_equal(x, own_x)
             np.testing.assert_array_equal(y, own_y)
         with pytest.raises(RuntimeError, match="no step left"):
-            shared.next()
+            delivery.next()
         if crop_pad:    # the augmentation did something
-            plain = Pipeline(pipeline.read, pipeline.sampler.dataset_size, BATCH, seed=3)
+            plain = Pipeline(pipeline.read, pipeline.sampler.dataset_size, batch, seed=3)
             assert not np.array_equal(plain.batch(0, 0)[0], pipeline.batch(0, 0)[0])
     finally:
-        shared.close()
+        delivery.close()
+        separate.close()
         group.Free()
+
+
+@pytest.mark.parametrize("delivery_class", [SharedDelivery, DistributedDelivery])
+@pytest.mark.parametrize("k", MEMBER_COUNTS)
+@pytest.mark.parametrize("crop_pad", [0, 1])
+# Double buffering made on the training thread; more steps in flight than there are.
+@pytest.mark.parametrize("depth, prefetch", [(2, 0), (5, 2)])
+def test_delivery_gives_every_rank_its_shard_of_the_pipeline_batch(delivery_class, k, crop_pad,
+                                                                   depth, prefetch):
+    check_delivery(delivery_class, k, crop_pad, depth, prefetch)
+
+
+@pytest.mark.parametrize("k", MEMBER_COUNTS)
+# 5 samples split unevenly over 2-4 ranks; 1 sample: some ranks make nothing.
+@pytest.mark.parametrize("shard", [5, 1])
+def test_distributed_delivery_splits_shards_of_any_size(k, shard):
+    check_delivery(DistributedDelivery, k, 1, 3, 1, shard)
+    # Each sample was made on exactly one rank of the ranks that share it.
+    _, local_rank, group_size, _ = ensemble.layout(WORLD.size, WORLD.rank, k)
+    delivery = DistributedDelivery(digits_pipeline(0, shard * group_size), WORLD, local_rank,
+                                   group_size, (1, 8, 8))
+    pieces = delivery.comm.allgather((delivery.lo, delivery.hi))
+    delivery.close()
+    assert pieces[0][0] == local_rank * shard and pieces[-1][1] == (local_rank + 1) * shard
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert max(hi - lo for lo, hi in pieces) == -(-shard // len(pieces))
 
 
 @pytest.mark.parametrize("depth", [2, 4])
@@ -129,30 +153,34 @@ def test_every_member_equals_its_standalone_run(k):
     WORLD.Barrier()
 
 
-def test_shared_and_separate_pipelines_train_the_same_ensemble():
+def test_shared_distributed_and_separate_pipelines_train_the_same_ensemble():
     root = shared_tmpdir()
     k = max(MEMBER_COUNTS)
     runs = {}
     # Batches made on the training thread, one step ahead: the counts below are exact.
-    for pipeline in ("shared", "separate"):
+    for pipeline in ("shared", "distributed", "separate"):
         runs[pipeline] = ensemble.run(ensemble.parse_args(
             [*COMMON, "--iters", "4", "--members", str(k), "--crop-pad", "1",
              "--pipeline", pipeline, "--prefetch", "0", "--pipeline-depth", "2",
              "--checkpoint-dir", f"{root}/{pipeline}_pipeline"]), WORLD)
-    assert runs["shared"]["members"] == runs["separate"]["members"]
-    assert runs["shared"]["ensemble_accuracy"] == runs["separate"]["ensemble_accuracy"]
     _, local_rank, _, local = ensemble.layout(WORLD.size, WORLD.rank, k)
-    for m in local if local_rank == 0 else ():
-        assert_same_checkpoint(load_checkpoint(f"{root}/shared_pipeline/member{m}/checkpoint.npz"),
-                               load_checkpoint(f"{root}/separate_pipeline/member{m}/checkpoint.npz"),
-                               f"member {m}")
-    # One pipeline instead of k: rank 0 alone did the augmentation work. In
-    # the timed iterations (all but the first) it made the batches of steps
-    # 2 and 3 (step 1 was made in the first); every member made its own 1-3.
+    for one in ("shared", "distributed"):
+        assert runs[one]["members"] == runs["separate"]["members"]
+        assert runs[one]["ensemble_accuracy"] == runs["separate"]["ensemble_accuracy"]
+        for m in local if local_rank == 0 else ():
+            assert_same_checkpoint(
+                load_checkpoint(f"{root}/{one}_pipeline/member{m}/checkpoint.npz"),
+                load_checkpoint(f"{root}/separate_pipeline/member{m}/checkpoint.npz"),
+                f"member {m}, {one} pipeline")
+    # One pipeline instead of k: rank 0 alone (shared) or all ranks together
+    # (distributed) made each batch once. In the timed iterations (all but the
+    # first) that was the batches of steps 2 and 3 (step 1 was made in the
+    # first); every member made its own 1-3.
     assert runs["shared"]["pipeline_cpu_s"] < runs["separate"]["pipeline_cpu_s"] or k == 1
     for run in runs.values():
         assert run["timed_iters"] == 3 and run["wall_s"] > 0 and run["wait_s"] >= 0
-    assert runs["shared"]["pipeline_samples"] == 2 * BATCH
+    assert runs["shared"]["pipeline_samples"] == runs["distributed"]["pipeline_samples"] \
+        == 2 * BATCH
     assert runs["separate"]["pipeline_samples"] == 3 * k * BATCH
     WORLD.Barrier()
 
@@ -213,6 +241,8 @@ def test_bad_configuration_fails_on_every_rank(capsys):
     assert ensemble.main([*COMMON, "--members", "1", "--timing-warmup", "-2"]) == 2
     assert ensemble.main([*COMMON, "--members", "1", "--pipeline-rank",
                           "--pipeline", "separate"]) == 2
+    assert ensemble.main([*COMMON, "--members", "1", "--pipeline-rank",
+                          "--pipeline", "distributed"]) == 2
     err = capsys.readouterr().err
     if WORLD.rank == 0:
         assert "2 seeds and 3 learning rates" in err and "unknown pipeline 'nope'" in err
