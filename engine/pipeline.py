@@ -310,10 +310,11 @@ class _PostedDelivery:
     def __init__(self, pipeline: Pipeline, comm, shard: int, sample_shape, depth: int,
                  prefetch: int):
         name = type(self).__name__
-        if depth < 2:
-            raise ValueError(f"{name}: depth must be >= 2 (double buffering), got {depth}")
-        if prefetch < 0:
-            raise ValueError(f"{name}: prefetch must be >= 0, got {prefetch}")
+        problem = (f"depth must be >= 2 (double buffering), got {depth}" if depth < 2 else
+                   f"prefetch must be >= 0, got {prefetch}" if prefetch < 0 else "")
+        if problem:
+            comm.Free()     # made for this delivery by the subclass
+            raise ValueError(f"{name}: {problem}")
         self.pipeline = pipeline
         self.comm = comm
         self.shard = shard

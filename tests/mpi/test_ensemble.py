@@ -104,6 +104,13 @@ def test_distributed_delivery_splits_shards_of_any_size(k, shard):
     assert max(hi - lo for lo, hi in pieces) == -(-shard // len(pieces))
 
 
+@pytest.mark.parametrize("delivery_class", [SharedDelivery, DistributedDelivery])
+def test_delivery_rejects_a_depth_or_prefetch_out_of_range(delivery_class):
+    for depth, prefetch, message in ((1, 2, "depth must be >= 2"), (3, -1, "prefetch must be >= 0")):
+        with pytest.raises(ValueError, match=f"{delivery_class.__name__}: {message}"):
+            delivery_class(digits_pipeline(0), WORLD, 0, 1, (1, 8, 8), depth, prefetch)
+
+
 @pytest.mark.parametrize("depth", [2, 4])
 def test_members_run_depth_minus_one_steps_ahead_of_rank_0(depth):
     """Rank 0 posts depth - 1 steps in start(); the others take them all before
