@@ -110,9 +110,9 @@ echo "== faults"
 "$PY" bench/faults.py --json-out "$OUT/faults_2ranks.json" > /dev/null
 
 # Ensembles, stragglers, background checkpoints (docs/ensemble.md, docs/stragglers.md)
-echo "== ensemble (shared vs separate pipeline)"
+echo "== ensemble (shared, distributed and separate pipelines)"
 "$PY" -m bench.ensemble --json-out "$OUT/ensemble_lenet-cifar.json" > /dev/null
-"$PY" -m bench.ensemble --pipeline-rank --json-out "$OUT/ensemble_lenet-cifar_pipeline-rank.json" > /dev/null
+"$PY" -m bench.ensemble --pipeline-rank --pipelines shared,separate --json-out "$OUT/ensemble_lenet-cifar_pipeline-rank.json" > /dev/null
 "$PY" -m bench.ensemble --model resnet20 --json-out "$OUT/ensemble_resnet20.json" > /dev/null
 echo "== stragglers"
 "$MPIEXEC" -n 2 "$PY" -m bench.stragglers $([ "$mode" = full ] && echo --full) \
