@@ -27,9 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-from cnn.checkpoint import CheckpointError, load_checkpoint
-from engine.train import CHECKPOINT_NAME
-from engine.train import parse_args as parse_train_args
+if __name__ == "__main__":
+    import mpi4py
+    # A launcher, not an MPI process: engine.train imports mpi4py.MPI, which
+    # would otherwise call MPI_Init here (a singleton job of its own).
+    mpi4py.rc.initialize = mpi4py.rc.finalize = False
+
+from cnn.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from engine.train import CHECKPOINT_NAME  # noqa: E402
+from engine.train import parse_args as parse_train_args  # noqa: E402
 
 CONFIG_ERROR = 2      # engine.train's exit status for a bad configuration
 

@@ -4,6 +4,8 @@ restarting on fewer ranks; plus the supervisor's rank arithmetic."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,19 @@ def test_every_fault_scenario_is_detected_and_resumes_correctly(tmp_path):
     assert sup["exit_status"] == 0 and sup["resume_correct"], sup
     assert [a["ranks"] for a in sup["attempts"]] == [2, 1], sup
     assert sup["attempts"][1]["resumed_at"] == sup["attempts"][0]["checkpoint_after"], sup
+
+
+def test_the_supervisor_process_does_not_initialise_mpi():
+    """`python -m engine.supervise` launches MPI jobs; it must not be one itself."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['engine.supervise', '--help']\n"
+             "try:\n"
+             "    runpy.run_module('engine.supervise', run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "from mpi4py import MPI\n"
+             "print(MPI.Is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
