@@ -8,12 +8,12 @@
 For K = 1, 2, 4 members (one rank per member by default, `--ranks-per-member`),
 each with `--pipeline shared` (rank 0 makes every batch), `--pipeline
 distributed` (every rank makes B/P samples of it) and `--pipeline separate`
-(`--pipelines` picks), `engine.ensemble`
-trains on CIFAR-shaped images stored one zlib stream per image (decode),
-randomly cropped and flipped, and normalised (the CIFAR recipe), in a fresh
-`mpiexec` job. The default member is LeNet-5 on 3 x 32 x 32 (`lenet-cifar`),
-whose training costs ~4 times the pipeline's CPU per image (p/t ~0.24 on the
-2-core VM); resnet20's costs ~90 times, so its pipeline is ~1 % of the CPU.
+(`--pipelines` picks), `engine.ensemble` trains on CIFAR-shaped images
+stored one zlib stream per image (decode), randomly cropped and flipped,
+and normalised (the CIFAR recipe), in a fresh `mpiexec` job. The default
+member is LeNet-5 on 3 x 32 x 32 (`lenet-cifar`), whose training costs ~4
+times the pipeline's CPU per image (p/t ~0.24 on the 2-core VM); resnet20's
+costs ~90 times, so its pipeline is ~1 % of the CPU.
 
 How it is measured: one untimed job first (it fills the numba cache), then
 `--rounds` rounds, each running every configuration once, the pipelines
@@ -188,10 +188,10 @@ def plot(rows, path) -> None:
 
     ks = sorted({r["members"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    shown = [p for p in PIPELINES if any(r["pipeline"] == p for r in rows)]
+    width = 0.8 / len(shown)
     for ax, key, label in zip(axes[:2], ("cpu_s", "img_s_per_member"),
                               ("CPU seconds, all ranks", "images/s per member"), strict=True):
-        shown = [p for p in PIPELINES if any(r["pipeline"] == p for r in rows)]
-        width = 0.8 / len(shown)
         for j, pipeline in enumerate(shown):
             values = [next((r[key] for r in rows if r["members"] == k
                             and r["pipeline"] == pipeline), 0) for k in ks]
