@@ -2,18 +2,21 @@
 
     mpiexec -n 2 python -m bench.checkpoint_async --json-out bench/results/checkpoint_async.json
     mpiexec -n 2 python -m bench.checkpoint_async --quick                   # ~1 min
+    mpiexec -n 2 python -m bench.checkpoint_async --format single ...       # one file, gathered
 
 Three runs of the same training (model, strategy, synthetic batches as in
 bench/step.py): no checkpoints, then a checkpoint every `--every` steps
-written synchronously (`cnn.checkpoint.save_checkpoint` on rank 0 while the
-others wait at a barrier, as `engine.train` does) and asynchronously
-(`engine.async_checkpoint`: rank 0 copies the state and a background thread
-at idle priority writes it while the next steps run). Per run, over the timed steps (the
-checkpoint's cost included in the step that triggers it):
+written synchronously and asynchronously (a copy written by a background
+thread at idle priority while the next steps run), both by
+`engine.checkpointing.Checkpointer` as `engine.train` writes them, in the
+`--format` given (auto: sharded for multistep, one file per rank and nothing
+gathered; single: the momentum gathered and one file written by rank 0).
+Per run, over the timed steps (the checkpoint's cost included in the step
+that triggers it):
 
 - step_ms: mean wall time per step (slowest rank);
 - overhead: step_ms / step_ms(none) - 1; the target is < 5 % for async;
-- checkpoint_mb: size of one checkpoint file.
+- checkpoint_mb: size of one checkpoint, all ranks' files together.
 
 Runs alternate in `--rounds` rounds (none, sync, async, none, ...) and each
 mode reports its median round, so a drift in machine speed does not land on
@@ -38,16 +41,17 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from mpi4py import MPI
 
 from bench.common import write_results
 from bench.step import batches
 from cnn import models, set_num_threads
-from cnn.checkpoint import save_checkpoint
 from cnn.optim import SGD
 from cnn.runtime import configure
-from engine.async_checkpoint import AsyncCheckpointWriter
+from engine.checkpointing import FORMATS, Checkpointer, resolve_format, shard_name
+from engine.strategies import STRATEGIES
 from engine.trainer import Trainer
 
 COMM = MPI.COMM_WORLD
@@ -65,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps, the last one followed by an untimed checkpoint")
     p.add_argument("--every", default="4", help="steps between checkpoints (comma list)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="checkpoint format (engine/checkpointing.py)")
     p.add_argument("--link", default="loopback", help="label of the link, for the results")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -75,6 +81,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.iters, args.every, args.rounds = "resnet20", 6, "2", 1
+    if args.strategy not in STRATEGIES:
+        p.error(f"--strategy: one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
+    try:
+        resolve_format(args.format, STRATEGIES[args.strategy])
+    except ValueError as e:
+        p.error(f"--format: {e}")
     try:
         args.every = [int(v) for v in str(args.every).split(",")]
     except ValueError:
@@ -91,10 +103,10 @@ def run(args, mode: str, every: int, data, directory: str) -> tuple[float, int]:
     """Mean step ms (slowest rank) and the checkpoint's size in bytes."""
     model = models.build(args.model, seed=0)
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9)
-    path = os.path.join(directory, f"{mode}.npz")
-    writer = AsyncCheckpointWriter() if mode == "async" and COMM.rank == 0 else None
+    target = Path(directory) / f"{mode}.npz"
     times = []
     with Trainer(model, optimizer, args.strategy, COMM) as trainer:
+        saver = Checkpointer(trainer, COMM, target, fmt=args.format, background=mode == "async")
         COMM.Barrier()
         for k, (x, y) in enumerate(data):
             start = time.monotonic()
@@ -103,21 +115,18 @@ def run(args, mode: str, every: int, data, directory: str) -> tuple[float, int]:
             # First in each run of `every` steps, so that every background write
             # overlaps timed steps (one at the end would hide its cost).
             if mode != "none" and (timed == 0 or (timed > 0 and (timed - 1) % every == 0)):
-                state = trainer.optimizer_state_dict()      # collective for multistep
-                if COMM.rank == 0:
-                    save = writer.submit if writer is not None else save_checkpoint
-                    save(path, {p.name: p.data for p in model.parameters()},
-                         buffers=dict(model.buffers()), optimizer=state, iteration=k + 1)
-                if mode == "sync":
-                    COMM.Barrier()
+                saver.save(k + 1)
+                last = k + 1
             if timed > 0:
                 times.append(time.monotonic() - start)
         trainer.synchronize()
-    if writer is not None:
-        writer.close()
+        saver.close()
     step_ms = COMM.allreduce(1e3 * statistics.fmean(times), op=MPI.MAX)
-    size = os.path.getsize(path) if mode != "none" and COMM.rank == 0 else 0
-    return step_ms, COMM.bcast(size, root=0)
+    size = 0
+    if mode != "none" and saver.writes:
+        size = os.path.getsize(shard_name(target, last, COMM.rank, COMM.size)
+                               if saver.sharded else target)
+    return step_ms, COMM.allreduce(size)
 
 
 def main(argv=None):
@@ -143,6 +152,7 @@ def main(argv=None):
             shutil.rmtree(directory, ignore_errors=True)
     base = statistics.median(results["none", 0])
     rows = [{"model": args.model, "strategy": args.strategy, "ranks": COMM.size,
+             "format": resolve_format(args.format, STRATEGIES[args.strategy]),
              "link": args.link, "batch_per_rank": args.batch_size_per_rank,
              "every": every or None, "mode": mode,
              "step_ms": round(statistics.median(results[mode, every]), 3),

@@ -319,14 +319,17 @@ def checkpoint_section(rows):
              f"{r0['model']}, {r0['ranks']} ranks, a checkpoint ({r0['checkpoint_mb']:.0f} MB) "
              "every N steps, written synchronously or by the background writer: mean step "
              "time and what checkpointing adds (target: async < 5 % where sync adds more). "
-             "multistep's momentum is sharded, so each checkpoint first gathers it (a "
-             "collective on the critical path in either mode); priority's is replicated.", "",
-             "| link | strategy | every N steps | mode | step ms | overhead |",
-             "|---|---|---:|---|---:|---:|"]
+             "multistep's momentum is sharded: `single` gathers it before rank 0 writes one "
+             "file (a collective on the critical path in either mode), `sharded` has every "
+             "rank write its own slices (engine/checkpointing.py); priority's momentum is "
+             "replicated and rank 0 writes it.", "",
+             "| link | strategy | format | every N steps | mode | step ms | overhead |",
+             "|---|---|---|---:|---|---:|---:|"]
     for r in sorted(rows, key=lambda r: (link_key(r.get("link", "loopback")),
-                                         r.get("strategy", ""), r.get("every") or 0)):
+                                         r.get("strategy", ""), r.get("format", "single"),
+                                         r.get("every") or 0)):
         lines.append(f"| {r.get('link', 'loopback')} | {r.get('strategy', '')} | "
-                     f"{r.get('every') or '-'} | {r['mode']} | "
+                     f"{r.get('format', 'single')} | {r.get('every') or '-'} | {r['mode']} | "
                      f"{r['step_ms']:.1f} | {100 * r['overhead']:+.1f} % |")
     return lines + [""]
 

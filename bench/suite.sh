@@ -118,14 +118,15 @@ echo "== stragglers"
 "$MPIEXEC" -n 2 "$PY" -m bench.stragglers $([ "$mode" = full ] && echo --full) \
     --json-out "$OUT/stragglers.json" > /dev/null
 echo "== checkpoints, sync vs async"
-for strategy in multistep priority; do
-    suffix=$([ "$strategy" = priority ] && echo _priority)
+# multistep in both formats (sharded: each rank writes its slices; single: gathered)
+for run in multistep:sharded: multistep:single:_single priority:single:_priority; do
+    IFS=: read -r strategy format suffix <<< "$run"
     "$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --every 4,16 --strategy "$strategy" \
-        --json-out "$OUT/checkpoint_async$suffix.json" > /dev/null
+        --format "$format" --json-out "$OUT/checkpoint_async$suffix.json" > /dev/null
     if [ "$mode" = full ]; then
         run_on 1gbit "$MPIEXEC" -n 2 "$PY" -m bench.checkpoint_async --every 4,16 \
-            --strategy "$strategy" --link 1gbit --json-out "$OUT/checkpoint_async${suffix}_1gbit.json" \
-            > /dev/null
+            --strategy "$strategy" --format "$format" --link 1gbit \
+            --json-out "$OUT/checkpoint_async${suffix}_1gbit.json" > /dev/null
     fi
 done
 

@@ -9,6 +9,17 @@ Layout of the archive::
     params/<name>       one array per model parameter
     buffers/<name>      one array per buffer (BN running statistics)
     optimizer/<n>       the optimizer state's arrays (momentum), numbered
+    shard/<n>           a sharded checkpoint's momentum pieces (below), numbered
+
+A *sharded* checkpoint (written when the optimizer state is itself sharded
+across ranks, as by the multistep strategy) is one file per rank. Each holds
+its rank's momentum as pieces ``{"name", "layout", "start", "stop"}``:
+``"flat"`` is the range [start, stop) of the parameter's flattened momentum,
+``"columns"`` its columns [start, stop) (a fully-connected weight owned by
+input neuron), stored transposed. Rank 0's file also holds everything else
+and lists the other ranks' files; `load_checkpoint` of it reads them all and
+returns the whole momentum, so a sharded checkpoint loads like any other, on
+any number of ranks.
 
 Design constraints:
 
@@ -29,6 +40,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +50,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 __all__ = ["Checkpoint", "CheckpointError", "generator_from_state", "load_checkpoint",
-           "save_checkpoint"]
+           "publish_checkpoint", "save_checkpoint"]
 
 FORMAT = "cnn-checkpoint"
 VERSION = 1
@@ -98,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], *
                     buffers: Mapping[str, np.ndarray] | None = None,
                     optimizer: Mapping | None = None, epoch: int = 0, iteration: int = 0,
                     rng: np.random.Generator | None = None,
-                    metadata: Mapping | None = None):
+                    metadata: Mapping | None = None, shard: Mapping | None = None):
     """Write a checkpoint atomically (see the module docstring).
 
     Parameters
@@ -119,6 +131,12 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], *
         identically.
     metadata : mapping, optional
         Anything JSON-able (configuration, git revision, metrics).
+    shard : mapping, optional
+        This file is one of a sharded checkpoint (module docstring):
+        ``{"rank": r, "of": P, "pieces": [{"name", "layout", "start", "stop",
+        "data"}], "files": [...]}``, where ``files`` (rank 0 only) names the
+        other ranks' files, relative to this one's directory, in rank order.
+        The optimizer state then carries no ``momentum_buffers``.
 
     Raises
     ------
@@ -143,6 +161,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], *
         "metadata": dict(metadata or {}),
     }
     arrays.update(optimizer_arrays)
+    if shard is not None:
+        header["shard"] = _encode_shard(shard, arrays)
     try:
         arrays[_HEADER] = np.array(json.dumps(header))
     except (TypeError, ValueError) as e:
@@ -162,6 +182,66 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         objects.
     """
     path = Path(path)
+    header, arrays = _load(path)
+    shard = header.get("shard")
+    if shard is None:
+        return arrays
+    if "files" not in shard:
+        raise CheckpointError(f"{path}: shard {shard.get('rank')} of {shard.get('of')} of a "
+                              "sharded checkpoint; load the checkpoint that lists it (rank 0's)")
+    pieces = list(arrays.optimizer.pop("shard_pieces"))
+    try:
+        if len(shard["files"]) != int(shard["of"]) - 1:
+            raise CheckpointError(f"{path}: lists {len(shard['files'])} shard files for "
+                                  f"{shard['of']} ranks")
+        for rank, name in enumerate(shard["files"], start=1):
+            other = path.parent / name
+            try:
+                other_header, other_arrays = _load(other)
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}: its shard file {other} is missing") from None
+            theirs = other_header.get("shard") or {}
+            if (theirs.get("rank"), theirs.get("of"), other_header.get("iteration")) != (
+                    rank, shard["of"], header["iteration"]):
+                raise CheckpointError(
+                    f"{other}: not shard {rank} of {shard['of']} at iteration "
+                    f"{header['iteration']} (holds shard {theirs.get('rank')} of "
+                    f"{theirs.get('of')} at iteration {other_header.get('iteration')})")
+            pieces += other_arrays.optimizer["shard_pieces"]
+        arrays.optimizer["momentum_buffers"] = _assemble(pieces, arrays.params, path)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: corrupt sharded checkpoint ({type(e).__name__}: {e})"
+                              ) from e
+    return arrays
+
+
+def publish_checkpoint(source: str | os.PathLike, target: str | os.PathLike):
+    """Make `target` name the complete file `source` (a hard link), atomically.
+
+    How a sharded checkpoint is committed once every rank's file is on disk:
+    a crash before the rename leaves `target` naming the previous one.
+    Copies where the file system has no hard links.
+    """
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _load(path: Path) -> tuple[dict, Checkpoint]:
+    """One file's header and contents; a shard's pieces under optimizer["shard_pieces"]."""
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -178,7 +258,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise CheckpointError(f"{path}: format {header.get('format')!r} version "
                                       f"{header.get('version')!r}, expected {FORMAT!r} "
                                       f"version {VERSION}")
-            return Checkpoint(
+            checkpoint = Checkpoint(
                 params={n: _read(archive, f"params/{n}", path) for n in header["params"]},
                 buffers={n: _read(archive, f"buffers/{n}", path) for n in header["buffers"]},
                 optimizer=_decode(header["optimizer"], lambda key: _read(archive, key, path)),
@@ -187,6 +267,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 rng_state=header["rng"],
                 metadata=header["metadata"],
             )
+            if "shard" in header:
+                checkpoint.optimizer = dict(checkpoint.optimizer or {})
+                checkpoint.optimizer["shard_pieces"] = [
+                    {**piece, "data": _read(archive, piece["data"][_ARRAY], path)}
+                    for piece in header["shard"]["pieces"]]
+            return header, checkpoint
         except CheckpointError:
             raise
         except KeyError as e:
@@ -220,6 +306,66 @@ def _encode(tree, arrays: dict):
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
     raise TypeError(f"save_checkpoint: cannot store {type(tree).__name__} in optimizer state")
+
+
+_LAYOUTS = ("flat", "columns")
+
+
+def _encode_shard(shard: Mapping, arrays: dict) -> dict:
+    """The header entry of a shard; its pieces' data go to `arrays` as shard/<n>."""
+    pieces = []
+    for piece in shard["pieces"]:
+        if piece["layout"] not in _LAYOUTS:
+            raise TypeError(f"save_checkpoint: shard layout must be one of {_LAYOUTS}, "
+                            f"got {piece['layout']!r}")
+        key = f"shard/{len(pieces)}"
+        arrays[key] = _storable(piece["data"], key)
+        pieces.append({"name": str(piece["name"]), "layout": piece["layout"],
+                       "start": int(piece["start"]), "stop": int(piece["stop"]),
+                       "data": {_ARRAY: key}})
+    entry = {"rank": int(shard["rank"]), "of": int(shard["of"]), "pieces": pieces}
+    if "files" in shard:
+        entry["files"] = [str(name) for name in shard["files"]]
+    return entry
+
+
+def _assemble(pieces: list, params: Mapping, path: Path) -> dict:
+    """Whole flat momentum buffers from every rank's pieces, each element exactly once."""
+    by_name: dict[str, list] = {}
+    for piece in pieces:
+        by_name.setdefault(piece["name"], []).append(piece)
+    momentum = {}
+    for name, parts in by_name.items():
+        if name not in params:
+            raise CheckpointError(f"{path}: momentum piece for {name!r}, which is not a parameter")
+        shape = params[name].shape
+        layouts = {part["layout"] for part in parts}
+        if len(layouts) != 1 or not layouts <= set(_LAYOUTS) or (
+                "columns" in layouts and len(shape) != 2):
+            raise CheckpointError(f"{path}: {name!r} has momentum pieces of layouts "
+                                  f"{sorted(layouts)} for shape {shape}")
+        columns = "columns" in layouts
+        extent = shape[1] if columns else math.prod(shape)
+        whole = np.empty(shape if columns else extent, parts[0]["data"].dtype)
+        covered = 0
+        for part in sorted(parts, key=lambda part: part["start"]):
+            start, stop, data = part["start"], part["stop"], part["data"]
+            expected = (stop - start) * (shape[0] if columns else 1)
+            if start != covered or stop < start or data.size != expected:
+                raise CheckpointError(f"{path}: the momentum pieces of {name!r} do not tile "
+                                      f"its {extent} {'columns' if columns else 'elements'} "
+                                      f"(piece [{start}, {stop}) of {data.size} values after "
+                                      f"{covered})")
+            if columns:
+                whole[:, start:stop] = data.reshape(stop - start, shape[0]).T
+            else:
+                whole[start:stop] = data.reshape(-1)
+            covered = stop
+        if covered != extent:
+            raise CheckpointError(f"{path}: the momentum pieces of {name!r} cover {covered} of "
+                                  f"its {extent} {'columns' if columns else 'elements'}")
+        momentum[name] = whole.reshape(-1)
+    return momentum
 
 
 def _decode(tree, read):
@@ -304,7 +450,12 @@ def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path):
+    """So that a rename in it survives a power loss."""
+    directory = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(directory)
     finally:

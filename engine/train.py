@@ -29,7 +29,7 @@ from mpi4py import MPI
 
 import cnn
 from cnn import models
-from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint
 from cnn.data import (
     DatasetError,
     ShardedSampler,
@@ -43,7 +43,7 @@ from cnn.models import StateDictError
 from cnn.optim import SGD
 from cnn.runtime import configure
 from cnn.schedules import Constant, Cosine, LinearWarmup, StepDecay
-from engine.async_checkpoint import AsyncCheckpointWriter
+from engine.checkpointing import FORMATS, Checkpointer, CheckpointWriteError, resolve_format
 from engine.stall import StallError
 from engine.straggler import Straggler, parse_straggler
 from engine.strategies import STRATEGIES
@@ -57,10 +57,6 @@ CHECKPOINT_NAME = "checkpoint.npz"
 
 class ConfigError(ValueError):
     """A bad command-line configuration, found before any work."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (full disk, unwritable directory); raised on every rank."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-async", action="store_true",
                    help="write checkpoints on a background thread while training continues "
                         "(engine/async_checkpoint.py)")
+    p.add_argument("--checkpoint-format", choices=FORMATS, default="auto",
+                   help="sharded: each rank writes its own momentum slices, nothing gathered "
+                        "(multistep); single: one file from rank 0; auto: sharded where the "
+                        "strategy shards its momentum (engine/checkpointing.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue from CHECKPOINT_DIR/checkpoint.npz")
     p.add_argument("--trace", default=None, help="write a Chrome-trace JSON here")
@@ -158,6 +158,10 @@ def check_config(args, size: int) -> None:
             raise ConfigError(str(e)) from None
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
+    try:
+        resolve_format(args.checkpoint_format, STRATEGIES[args.strategy])
+    except ValueError as e:
+        raise ConfigError(f"--checkpoint-format: {e}") from None
     if args.resume and not (Path(args.checkpoint_dir) / CHECKPOINT_NAME).is_file():
         raise ConfigError(f"--resume: no checkpoint at {Path(args.checkpoint_dir) / CHECKPOINT_NAME}")
 
@@ -333,46 +337,11 @@ def run(args, comm) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
-    # the last checkpoint known to be on disk, and (async) the one submitted last
-    saved = {"iteration": start if args.resume else None, "pending": None}
-    writer = AsyncCheckpointWriter() if (args.checkpoint_async and rank == 0) else None
-    save = writer.submit if writer is not None else save_checkpoint
-
-    def checkpoint(iteration: int) -> None:
-        optimizer_state = trainer.optimizer_state_dict()    # collective for multistep
-        failure = ""
-        if rank == 0:
-            try:
-                # async: a copy is written in the background; an earlier
-                # background write's error surfaces here
-                save(ckpt_path, {p.name: p.data for p in model.parameters()},
-                     buffers=dict(model.buffers()), optimizer=optimizer_state,
-                     epoch=iteration // steps, iteration=iteration,
-                     metadata={"model": args.model, "dataset": args.dataset,
-                               "strategy": args.strategy, "batch_size": args.batch_size,
-                               "seed": args.seed, "ranks": size})
-            except OSError as e:     # full disk, unwritable directory, ...
-                failure = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-        # The outcome reaches every rank (so all stop alike), and nobody reads a
-        # (synchronous) checkpoint before it is complete.
-        status = np.array([len(failure) > 0], np.int64)
-        trainer.exchanger.wait_mpi(comm.Ibcast(status, root=0), "the checkpoint barrier")
-        if status[0]:
-            # async: what failed is the write submitted last time, not this one
-            failed = saved["pending"] if args.checkpoint_async else iteration
-            kept = ("the previous checkpoint (iteration "
-                    f"{saved['iteration']}) is intact" if saved["iteration"] is not None
-                    else "no earlier checkpoint exists")
-            raise CheckpointWriteError(
-                f"could not write checkpoint {ckpt_path} at iteration {failed}: "
-                f"{failure if rank == 0 else 'see rank 0'}; {kept}. Free space or fix "
-                f"the directory's permissions, then rerun with --resume")
-        if args.checkpoint_async:       # this submit succeeding proves the last one landed
-            if saved["pending"] is not None:
-                saved["iteration"] = saved["pending"]
-            saved["pending"] = iteration
-        else:
-            saved["iteration"] = iteration
+    saver = None if ckpt_path is None else Checkpointer(
+        trainer, comm, ckpt_path, fmt=args.checkpoint_format, background=args.checkpoint_async,
+        last=start if args.resume else None)
+    metadata = {"model": args.model, "dataset": args.dataset, "strategy": args.strategy,
+                "batch_size": args.batch_size, "seed": args.seed, "ranks": size}
 
     metrics = {"iteration": start}
     stalled = False
@@ -413,16 +382,14 @@ def run(args, comm) -> dict:
             if ckpt_path is not None and (
                     (args.checkpoint_every and it % args.checkpoint_every == 0)
                     or (not args.checkpoint_every and end_of_epoch) or it == total):
-                checkpoint(it)
+                saver.save(it, epoch=it // steps, metadata=metadata)
             if it >= total:
                 break
         trainer.synchronize()
         if recorder is not None:
             recorder.write(args.trace, comm)
-        if args.checkpoint_async:
-            if writer is not None:
-                writer.close()      # the last checkpoint is on disk before run() returns
-            comm.Barrier()
+        if saver is not None:
+            saver.close()       # the last checkpoint is on disk before run() returns
     except StallError:
         stalled = True
         raise

@@ -498,8 +498,44 @@ class Multistep(Strategy):
             fc.restore()
         self.fc = {}
 
-    def optimizer_state_dict(self) -> dict:
-        """Full momentum buffers, gathered from the slices (every rank must call it)."""
+    def momentum_shard(self) -> list[dict]:
+        """This rank's momentum by parameter, as a sharded checkpoint stores it.
+
+        No communication and no copy (the pieces are views of the slices):
+        each rank writes its own, instead of gathering them all on one
+        (`optimizer_state_dict`). See `cnn.checkpoint` for the layouts.
+        """
+        pieces = []
+        for piece in self.all_pieces():
+            a, b = self.slices[piece.key]
+            momentum = self.momentum[piece.key]
+            fc = self.transposed.get(piece.key)
+            if fc is not None:      # rows of W^T: the columns of the input neurons owned
+                n_out = fc.layer.out_features
+                if b > a:
+                    pieces.append({"name": piece.key, "layout": "columns", "start": a // n_out,
+                                   "stop": b // n_out, "data": momentum})
+                continue
+            offset = 0
+            for p in piece.params:      # a unit's slice may span several of its tensors
+                lo, hi = max(a, offset), min(b, offset + p.data.size)
+                if hi > lo:
+                    pieces.append({"name": p.name, "layout": "flat", "start": lo - offset,
+                                   "stop": hi - offset, "data": momentum[lo - a:hi - a]})
+                offset += p.data.size
+        return pieces
+
+    def optimizer_state_dict(self, momentum: bool = True) -> dict:
+        """Full momentum buffers, gathered from the slices (every rank must call it).
+
+        With ``momentum=False``, the rest of the state only (no communication),
+        for a sharded checkpoint that stores `momentum_shard` instead.
+        """
+        if not momentum:
+            state = self.optimizer.state_dict()
+            del state["momentum_buffers"]
+            state["lr"] = self.optimizer.lr
+            return state
         self.synchronize()
         state = self.optimizer.state_dict()
         handles, gathered = [], {}

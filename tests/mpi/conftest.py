@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 
+import numpy as np
 import pytest
 from _pytest._io import TerminalWriter
 from hypothesis import HealthCheck, Phase, settings
@@ -61,3 +62,11 @@ def pytest_sessionfinish(session, exitstatus):
         WORLD.Barrier()
     except Exception:
         traceback.print_exc()
+
+
+@pytest.fixture(scope="session")
+def images28():
+    """Random 28 x 28 images for LeNet (three FC layers): 96 samples, 10 classes."""
+    rng = np.random.default_rng(11)
+    return (rng.standard_normal((96, 1, 28, 28)).astype(np.float32),
+            rng.integers(0, 10, 96).astype(np.int64))

@@ -53,27 +53,31 @@ def crash_after(monkeypatch, at):
     monkeypatch.setattr(train.Trainer, "step", stepping)
 
 
+@pytest.mark.parametrize("fmt", ["single", "sharded"])
 def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous(
-        shared_dir, monkeypatch):
+        shared_dir, monkeypatch, fmt):
     real = cnn.checkpoint._write_arrays
     calls = []
+    full = 0 if fmt == "single" else P - 1      # the rank whose disk fills (sharded: one)
 
     def full_disk(f, arrays):
         calls.append(1)
-        if len(calls) == 2:     # the second checkpoint (iteration 8) hits a full disk
+        if RANK == full and len(calls) == 2:    # its second checkpoint (iteration 8)
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, arrays)
 
     monkeypatch.setattr(cnn.checkpoint, "_write_arrays", full_disk)
     with pytest.raises(train.CheckpointWriteError) as info:
-        train.run(args_for(shared_dir), COMM)
+        train.run(args_for(shared_dir, "--checkpoint-format", fmt), COMM)
     message = str(info.value)
     assert "at iteration 8" in message
     assert "the previous checkpoint (iteration 4) is intact" in message
-    if RANK == 0:
-        assert "No space left on device" in message
-        assert sorted(p.name for p in shared_dir.iterdir()) == [train.CHECKPOINT_NAME]
+    assert ("No space left on device" if RANK == full else f"see rank {full}") in message
+    COMM.Barrier()
+    names = sorted(p.name for p in shared_dir.iterdir())
+    assert train.CHECKPOINT_NAME in names
+    assert not [name for name in names if name.startswith(".")], names  # no partial file
     assert load_checkpoint(shared_dir / train.CHECKPOINT_NAME).iteration == 4
 
 

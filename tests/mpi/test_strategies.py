@@ -62,14 +62,6 @@ def flat_weights(model):
     return np.concatenate([p.data.reshape(-1) for p in model.parameters()])
 
 
-@pytest.fixture(scope="module")
-def images28():
-    """Random 28 x 28 images for LeNet (three FC layers): 96 samples, 10 classes."""
-    rng = np.random.default_rng(11)
-    return (rng.standard_normal((96, 1, 28, 28)).astype(np.float32),
-            rng.integers(0, 10, 96).astype(np.int64))
-
-
 def train_distributed(config, data, steps=STEPS, model_name="digits", **options):
     strategy, defaults = CONFIGS.get(config, (config, {}))
     x, y = data

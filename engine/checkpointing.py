@@ -1,0 +1,196 @@
+"""A training run's checkpoints: one file or one per rank, written now or in the background.
+
+    saver = Checkpointer(trainer, comm, Path("ckpt/checkpoint.npz"), fmt="auto", background=True)
+    saver.save(iteration, epoch=..., metadata={...})    # every rank, every checkpoint
+    saver.close()                                        # the last one committed
+
+Formats:
+
+- ``"single"``: every rank takes part in gathering the optimizer state over
+  whole parameters (an allgather of the momentum under multistep, whose
+  momentum is sharded), and rank 0 writes the one file.
+- ``"sharded"``: every rank writes its own momentum slices
+  (``checkpoint.<iteration>.<rank>-of-<P>.npz``), rank 0's file also holding
+  the weights and the rest; no collective before the write. Once every
+  rank's file of an iteration is on disk, rank 0 *commits* it: the target
+  (``checkpoint.npz``) becomes a hard link to its file, renamed into place, so
+  it always names a complete checkpoint. `cnn.checkpoint.load_checkpoint`
+  reads the shards back into whole momentum buffers, so a run resumes on any
+  number of ranks. Needs a strategy whose momentum is sharded (multistep);
+  ``"auto"`` picks it there and ``"single"`` elsewhere.
+
+Written synchronously, a checkpoint is committed before `save` returns. In
+the background (`engine.async_checkpoint`), `save` snapshots and returns; the
+write is confirmed, and (sharded) committed, by the next `save` or by
+`close`, so a crash loses at most the checkpoints since the last confirmed one.
+
+Every rank learns every outcome (one small allreduce per checkpoint), so a
+failed write (full disk) stops all ranks alike, naming the checkpoint still
+intact. Rank 0 deletes sharded files older than the one committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from cnn.checkpoint import publish_checkpoint, save_checkpoint
+from engine.async_checkpoint import AsyncCheckpointWriter
+
+__all__ = ["FORMATS", "CheckpointWriteError", "Checkpointer", "resolve_format", "shard_name"]
+
+FORMATS = ("auto", "sharded", "single")
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, unwritable directory); raised on every rank."""
+
+
+def resolve_format(fmt: str, strategy) -> str:
+    """What `fmt` means for `strategy` (a Strategy class or instance): "sharded" or "single".
+
+    Raises
+    ------
+    ValueError
+        For an unknown format, or "sharded" with a strategy whose momentum is
+        whole on every rank.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint format must be one of {FORMATS}, got {fmt!r}")
+    shards = hasattr(strategy, "momentum_shard")
+    if fmt == "sharded" and not shards:
+        raise ValueError(f"sharded checkpoints need a strategy whose momentum is sharded "
+                         f"(multistep); {strategy.name} keeps it whole on every rank")
+    return "sharded" if shards and fmt != "single" else "single"
+
+
+def shard_name(target: Path, iteration: int, rank: int, size: int) -> Path:
+    """The file rank `rank` of `size` writes for a sharded checkpoint at `iteration`."""
+    return target.with_name(f"{target.stem}.{iteration}.{rank}-of-{size}{target.suffix}")
+
+
+class Checkpointer:
+    """Writes a training run's checkpoints to `target` (see the module docstring).
+
+    Parameters
+    ----------
+    trainer : engine.trainer.Trainer
+    comm : MPI communicator
+        The trainer's; every rank calls `save` and `close` alike.
+    target : Path
+        The checkpoint to resume from, e.g. ``ckpt/checkpoint.npz``.
+    fmt : {"auto", "sharded", "single"}
+    background : bool
+        Write on a background thread (`AsyncCheckpointWriter`).
+    last : int or None
+        The iteration of the checkpoint already at `target` (a resumed run),
+        named as intact if a write fails before the first is confirmed.
+
+    Attributes
+    ----------
+    sharded : bool
+        The format resolved from `fmt`.
+    saved : int or None
+        The iteration of the last checkpoint confirmed on disk.
+    """
+
+    def __init__(self, trainer, comm, target: Path, *, fmt: str = "auto",
+                 background: bool = False, last: int | None = None):
+        self.sharded = resolve_format(fmt, trainer.strategy) == "sharded"
+        self.trainer, self.comm, self.target = trainer, comm, Path(target)
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.writes = self.sharded or self.rank == 0
+        self.writer = AsyncCheckpointWriter() if background and self.writes else None
+        self.background = background
+        self.saved = last
+        self.pending: int | None = None     # (background) written, not yet confirmed
+
+    def save(self, iteration: int, *, epoch: int = 0, metadata: dict | None = None) -> None:
+        """Checkpoint the trainer's state at `iteration` (every rank).
+
+        Raises
+        ------
+        CheckpointWriteError
+            On every rank, if any rank's write failed (in the background: the
+            previous checkpoint's).
+        """
+        trainer, model = self.trainer, self.trainer.model
+        if self.sharded:
+            trainer.synchronize()       # the weight allgathers still in flight
+            optimizer = trainer.strategy.optimizer_state_dict(momentum=False)
+        else:
+            optimizer = trainer.optimizer_state_dict()      # collective for multistep
+        path = shard_name(self.target, iteration, self.rank, self.size) if self.sharded \
+            else self.target
+        kwargs = {"iteration": iteration, "epoch": epoch}
+        if self.sharded:
+            kwargs["shard"] = {"rank": self.rank, "of": self.size,
+                               "pieces": trainer.strategy.momentum_shard()}
+        if self.rank == 0:
+            params = {p.name: p.data for p in model.parameters()}
+            kwargs.update(buffers=dict(model.buffers()), optimizer=optimizer,
+                          metadata=dict(metadata or {}))
+            if self.sharded:
+                kwargs["shard"]["files"] = [shard_name(self.target, iteration, r,
+                                                       self.size).name
+                                            for r in range(1, self.size)]
+        else:
+            params = {}
+        if self.background:
+            self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "")
+            self.pending = iteration
+            if self.writer is not None:
+                self.writer.submit(path, params, **kwargs)    # a copy, written meanwhile
+        else:
+            failure = self._attempt(save_checkpoint, path, params, **kwargs) \
+                if self.writes else ""
+            self._confirm(iteration, failure)
+
+    def close(self) -> None:
+        """Confirm (and commit) the last background write; every rank, at the end of a run."""
+        if self.background:
+            self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "")
+            self.pending = None
+        self.comm.Barrier()     # nobody reads the checkpoint before its commit
+
+    def _attempt(self, write, *args, **kwargs) -> str:
+        """Run a write; what went wrong, or ""."""
+        try:
+            write(*args, **kwargs)
+        except OSError as e:     # full disk, unwritable directory, ...
+            return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        return ""
+
+    def _confirm(self, iteration: int | None, failure: str) -> None:
+        """Agree on the outcome of the write of `iteration` and commit it, or fail everywhere."""
+        flags = np.zeros(self.size, np.int64)
+        flags[self.rank] = bool(failure)
+        self.trainer.exchanger.wait_mpi(self.comm.Iallreduce(MPI.IN_PLACE, flags, op=MPI.SUM),
+                                        "the checkpoint barrier")
+        if flags.any():
+            failed = [r for r in range(self.size) if flags[r]]
+            kept = (f"the previous checkpoint (iteration {self.saved}) is intact"
+                    if self.saved is not None else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {self.target} at iteration {iteration}: "
+                f"{failure or f'see rank {failed[0]}'}; {kept}. Free space or fix the "
+                f"directory's permissions, then rerun with --resume")
+        if iteration is None:
+            return
+        if self.sharded and self.rank == 0:
+            publish_checkpoint(shard_name(self.target, iteration, 0, self.size), self.target)
+            self._remove_older(iteration)
+        self.saved = iteration
+
+    def _remove_older(self, iteration: int) -> None:
+        """Sharded files of iterations before the one just committed (any rank count)."""
+        pattern = re.compile(re.escape(self.target.stem) + r"\.(\d+)\.\d+-of-\d+"
+                             + re.escape(self.target.suffix))
+        for entry in os.scandir(self.target.parent):
+            match = pattern.fullmatch(entry.name)
+            if match and int(match.group(1)) < iteration:
+                Path(entry.path).unlink(missing_ok=True)
