@@ -11,15 +11,17 @@ Layout of the archive::
     optimizer/<n>       the optimizer state's arrays (momentum), numbered
     shard/<n>           a sharded checkpoint's momentum pieces (below), numbered
 
-A *sharded* checkpoint (written when the optimizer state is itself sharded
+A *sharded* checkpoint (written when the training state is itself sharded
 across ranks, as by the multistep strategy) is one file per rank. Each holds
-its rank's momentum as pieces ``{"name", "layout", "start", "stop"}``:
-``"flat"`` is the range [start, stop) of the parameter's flattened momentum,
-``"columns"`` its columns [start, stop) (a fully-connected weight owned by
-input neuron), stored transposed. Rank 0's file also holds everything else
-and lists the other ranks' files; `load_checkpoint` of it reads them all and
-returns the whole momentum, so a sharded checkpoint loads like any other, on
-any number of ranks.
+the slices its rank owns as pieces ``{"name", "kind", "layout", "start",
+"stop", "shape"}`` of a parameter (``kind`` "params") or of its momentum
+("momentum"): ``"flat"`` is the range [start, stop) of the flattened tensor
+of that shape, ``"columns"`` its columns [start, stop) (a fully-connected
+weight owned by input neuron), stored transposed. Rank 0's file also holds
+the buffers, the rest of the optimizer state and the metadata, and lists the
+other ranks' files; `load_checkpoint` of it reads them all and returns
+whole tensors, so a sharded checkpoint loads like any other, on any number
+of ranks.
 
 Design constraints:
 
@@ -133,10 +135,11 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], *
         Anything JSON-able (configuration, git revision, metrics).
     shard : mapping, optional
         This file is one of a sharded checkpoint (module docstring):
-        ``{"rank": r, "of": P, "pieces": [{"name", "layout", "start", "stop",
-        "data"}], "files": [...]}``, where ``files`` (rank 0 only) names the
-        other ranks' files, relative to this one's directory, in rank order.
-        The optimizer state then carries no ``momentum_buffers``.
+        ``{"rank": r, "of": P, "pieces": [{"name", "kind", "layout", "start",
+        "stop", "shape", "data"}], "files": [...]}``, where ``files`` (rank 0
+        only) names the other ranks' files, relative to this one's directory,
+        in rank order. Parameters stored as pieces are left out of `params`,
+        and the optimizer state carries no ``momentum_buffers``.
 
     Raises
     ------
@@ -208,7 +211,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     f"{header['iteration']} (holds shard {theirs.get('rank')} of "
                     f"{theirs.get('of')} at iteration {other_header.get('iteration')})")
             pieces += other_arrays.optimizer["shard_pieces"]
-        arrays.optimizer["momentum_buffers"] = _assemble(pieces, arrays.params, path)
+        whole = _assemble(pieces, path)
+        if set(whole["params"]) & set(arrays.params):
+            raise CheckpointError(f"{path}: parameters both whole and in pieces: "
+                                  f"{sorted(set(whole['params']) & set(arrays.params))}")
+        arrays.params.update(whole["params"])
+        arrays.optimizer["momentum_buffers"] = {name: value.reshape(-1) for name, value
+                                                in whole["momentum"].items()}
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -309,19 +318,22 @@ def _encode(tree, arrays: dict):
 
 
 _LAYOUTS = ("flat", "columns")
+_KINDS = ("params", "momentum")
 
 
 def _encode_shard(shard: Mapping, arrays: dict) -> dict:
     """The header entry of a shard; its pieces' data go to `arrays` as shard/<n>."""
     pieces = []
     for piece in shard["pieces"]:
-        if piece["layout"] not in _LAYOUTS:
-            raise TypeError(f"save_checkpoint: shard layout must be one of {_LAYOUTS}, "
-                            f"got {piece['layout']!r}")
+        if piece["layout"] not in _LAYOUTS or piece["kind"] not in _KINDS:
+            raise TypeError(f"save_checkpoint: shard piece kind must be one of {_KINDS} and "
+                            f"layout one of {_LAYOUTS}, got {piece['kind']!r}, "
+                            f"{piece['layout']!r}")
         key = f"shard/{len(pieces)}"
         arrays[key] = _storable(piece["data"], key)
-        pieces.append({"name": str(piece["name"]), "layout": piece["layout"],
-                       "start": int(piece["start"]), "stop": int(piece["stop"]),
+        pieces.append({"name": str(piece["name"]), "kind": piece["kind"],
+                       "layout": piece["layout"], "start": int(piece["start"]),
+                       "stop": int(piece["stop"]), "shape": [int(n) for n in piece["shape"]],
                        "data": {_ARRAY: key}})
     entry = {"rank": int(shard["rank"]), "of": int(shard["of"]), "pieces": pieces}
     if "files" in shard:
@@ -329,43 +341,43 @@ def _encode_shard(shard: Mapping, arrays: dict) -> dict:
     return entry
 
 
-def _assemble(pieces: list, params: Mapping, path: Path) -> dict:
-    """Whole flat momentum buffers from every rank's pieces, each element exactly once."""
-    by_name: dict[str, list] = {}
+def _assemble(pieces: list, path: Path) -> dict:
+    """Whole tensors, by kind and name, from every rank's pieces, each element exactly once."""
+    groups: dict[tuple, list] = {}
     for piece in pieces:
-        by_name.setdefault(piece["name"], []).append(piece)
-    momentum = {}
-    for name, parts in by_name.items():
-        if name not in params:
-            raise CheckpointError(f"{path}: momentum piece for {name!r}, which is not a parameter")
-        shape = params[name].shape
+        groups.setdefault((piece["kind"], piece["name"]), []).append(piece)
+    whole: dict[str, dict] = {kind: {} for kind in _KINDS}
+    for (kind, name), parts in groups.items():
+        shape = tuple(parts[0]["shape"])
         layouts = {part["layout"] for part in parts}
-        if len(layouts) != 1 or not layouts <= set(_LAYOUTS) or (
-                "columns" in layouts and len(shape) != 2):
-            raise CheckpointError(f"{path}: {name!r} has momentum pieces of layouts "
-                                  f"{sorted(layouts)} for shape {shape}")
+        if kind not in _KINDS or len(layouts) != 1 or not layouts <= set(_LAYOUTS) or (
+                "columns" in layouts and len(shape) != 2) or any(
+                tuple(part["shape"]) != shape for part in parts):
+            raise CheckpointError(f"{path}: the {kind} pieces of {name!r} disagree (layouts "
+                                  f"{sorted(layouts)}, shapes "
+                                  f"{sorted({tuple(part['shape']) for part in parts})})")
         columns = "columns" in layouts
         extent = shape[1] if columns else math.prod(shape)
-        whole = np.empty(shape if columns else extent, parts[0]["data"].dtype)
+        what = f"the {kind} pieces of {name!r}"
+        unit = "columns" if columns else "elements"
+        tensor = np.empty(shape if columns else extent, parts[0]["data"].dtype)
         covered = 0
         for part in sorted(parts, key=lambda part: part["start"]):
             start, stop, data = part["start"], part["stop"], part["data"]
             expected = (stop - start) * (shape[0] if columns else 1)
             if start != covered or stop < start or data.size != expected:
-                raise CheckpointError(f"{path}: the momentum pieces of {name!r} do not tile "
-                                      f"its {extent} {'columns' if columns else 'elements'} "
-                                      f"(piece [{start}, {stop}) of {data.size} values after "
+                raise CheckpointError(f"{path}: {what} do not tile its {extent} {unit} (piece "
+                                      f"[{start}, {stop}) of {data.size} values after "
                                       f"{covered})")
             if columns:
-                whole[:, start:stop] = data.reshape(stop - start, shape[0]).T
+                tensor[:, start:stop] = data.reshape(stop - start, shape[0]).T
             else:
-                whole[start:stop] = data.reshape(-1)
+                tensor[start:stop] = data.reshape(-1)
             covered = stop
         if covered != extent:
-            raise CheckpointError(f"{path}: the momentum pieces of {name!r} cover {covered} of "
-                                  f"its {extent} {'columns' if columns else 'elements'}")
-        momentum[name] = whole.reshape(-1)
-    return momentum
+            raise CheckpointError(f"{path}: {what} cover {covered} of its {extent} {unit}")
+        whole[kind][name] = tensor.reshape(shape)
+    return whole
 
 
 def _decode(tree, read):

@@ -9,13 +9,14 @@ Formats:
 - ``"single"``: every rank takes part in gathering the optimizer state over
   whole parameters (an allgather of the momentum under multistep, whose
   momentum is sharded), and rank 0 writes the one file.
-- ``"sharded"``: every rank writes its own momentum slices
-  (``checkpoint.<iteration>.<rank>-of-<P>.npz``), rank 0's file also holding
-  the weights and the rest; no collective before the write. Once every
+- ``"sharded"``: every rank writes the slices of the weights and momentum
+  it updates (``checkpoint.<iteration>.<rank>-of-<P>.npz``), rank 0's file
+  also holding the buffers, the metadata and the names of the others; no
+  collective before the write, and each rank writes 1/P of it. Once every
   rank's file of an iteration is on disk, rank 0 *commits* it: the target
   (``checkpoint.npz``) becomes a hard link to its file, renamed into place, so
   it always names a complete checkpoint. `cnn.checkpoint.load_checkpoint`
-  reads the shards back into whole momentum buffers, so a run resumes on any
+  reads the shards back into whole tensors, so a run resumes on any
   number of ranks. Needs a strategy whose momentum is sharded (multistep);
   ``"auto"`` picks it there and ``"single"`` elsewhere.
 
@@ -61,7 +62,7 @@ def resolve_format(fmt: str, strategy) -> str:
     """
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint format must be one of {FORMATS}, got {fmt!r}")
-    shards = hasattr(strategy, "momentum_shard")
+    shards = hasattr(strategy, "shard_pieces")
     if fmt == "sharded" and not shards:
         raise ValueError(f"sharded checkpoints need a strategy whose momentum is sharded "
                          f"(multistep); {strategy.name} keeps it whole on every rank")
@@ -127,19 +128,19 @@ class Checkpointer:
         path = shard_name(self.target, iteration, self.rank, self.size) if self.sharded \
             else self.target
         kwargs = {"iteration": iteration, "epoch": epoch}
-        if self.sharded:
+        params = {}
+        if self.sharded:    # the weights and momentum slices this rank updates
             kwargs["shard"] = {"rank": self.rank, "of": self.size,
-                               "pieces": trainer.strategy.momentum_shard()}
+                               "pieces": trainer.strategy.shard_pieces()}
         if self.rank == 0:
-            params = {p.name: p.data for p in model.parameters()}
+            if not self.sharded:
+                params = {p.name: p.data for p in model.parameters()}
             kwargs.update(buffers=dict(model.buffers()), optimizer=optimizer,
                           metadata=dict(metadata or {}))
             if self.sharded:
                 kwargs["shard"]["files"] = [shard_name(self.target, iteration, r,
                                                        self.size).name
                                             for r in range(1, self.size)]
-        else:
-            params = {}
         if self.background:
             self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "")
             self.pending = iteration

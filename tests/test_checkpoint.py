@@ -284,71 +284,78 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path):
 
 # -- sharded checkpoints ------------------------------------------------------------------
 
-def save_sharded(directory, momentum, params, cuts, iteration=5):
-    """Three ranks' files: "w" (6 x 4) by columns of its transpose, "b" flat, cut at `cuts`."""
+def save_sharded(directory, state, cuts, iteration=5):
+    """Three ranks' files: "w" (6 x 4) by columns (stored as rows of its transpose), "b"
+    flat, weights and momentum, cut at `cuts`; rank 0 keeps "c" whole."""
+    params, momentum = state
     names = [f"ckpt.{iteration}.{r}-of-3.npz" for r in range(3)]
     w_cols, b_cuts = cuts
     for r in range(3):
         lo, hi = w_cols[r], w_cols[r + 1]
-        pieces = [{"name": "w", "layout": "columns", "start": lo, "stop": hi,
-                   "data": np.ascontiguousarray(momentum["w"].T[lo:hi])},
-                  {"name": "b", "layout": "flat", "start": b_cuts[r], "stop": b_cuts[r + 1],
-                   "data": momentum["b"][b_cuts[r]:b_cuts[r + 1]]}]
+        pieces = []
+        for kind, tensors in (("params", params), ("momentum", momentum)):
+            pieces += [{"name": "w", "kind": kind, "layout": "columns", "start": lo, "stop": hi,
+                        "shape": (6, 4), "data": np.ascontiguousarray(tensors["w"].T[lo:hi])},
+                       {"name": "b", "kind": kind, "layout": "flat", "start": b_cuts[r],
+                        "stop": b_cuts[r + 1], "shape": (6,),
+                        "data": tensors["b"][b_cuts[r]:b_cuts[r + 1]]}]
+        if r == 0:
+            pieces.append({"name": "c", "kind": "momentum", "layout": "flat", "start": 0,
+                           "stop": 3, "shape": (3,), "data": momentum["c"]})
         shard = {"rank": r, "of": 3, "pieces": pieces}
         if r == 0:
             shard["files"] = names[1:]
-        save_checkpoint(directory / names[r], params if r == 0 else {}, iteration=iteration,
-                        optimizer={"lr": 0.1} if r == 0 else None, shard=shard)
+        save_checkpoint(directory / names[r], {"c": params["c"]} if r == 0 else {},
+                        iteration=iteration, optimizer={"lr": 0.1} if r == 0 else None,
+                        shard=shard)
     return directory / names[0]
 
 
 @pytest.fixture
 def sharded_state():
     rng = np.random.default_rng(4)
-    params = {"w": rng.standard_normal((6, 4), np.float32),
-              "b": rng.standard_normal(6, np.float32)}
-    momentum = {"w": rng.standard_normal((6, 4), np.float32),
-                "b": rng.standard_normal(6, np.float32)}
-    return params, momentum
+    shapes = {"w": (6, 4), "b": 6, "c": 3}
+    return tuple({name: rng.standard_normal(shape, np.float32) for name, shape in shapes.items()}
+                 for _ in range(2))
 
 
 def test_a_sharded_checkpoint_loads_whole(tmp_path, sharded_state):
     params, momentum = sharded_state
     # rank 1 owns no column of w and no element of b: an empty piece is allowed
-    path = save_sharded(tmp_path, momentum, params, ([0, 3, 3, 4], [0, 5, 5, 6]))
+    path = save_sharded(tmp_path, sharded_state, ([0, 3, 3, 4], [0, 5, 5, 6]))
     ckpt = load_checkpoint(path)
     assert ckpt.iteration == 5 and ckpt.optimizer["lr"] == 0.1
-    np.testing.assert_array_equal(ckpt.params["w"], params["w"])
-    for name in ("w", "b"):
+    assert set(ckpt.params) == set(ckpt.optimizer["momentum_buffers"]) == {"w", "b", "c"}
+    for name in ("w", "b", "c"):
+        np.testing.assert_array_equal(ckpt.params[name], params[name])
         np.testing.assert_array_equal(ckpt.optimizer["momentum_buffers"][name],
                                       momentum[name].reshape(-1))
 
 
 def test_a_sharded_checkpoint_that_does_not_tile_is_refused(tmp_path, sharded_state):
-    params, momentum = sharded_state
-    path = save_sharded(tmp_path, momentum, params, ([0, 2, 3, 4], [0, 2, 4, 5]))   # b: 5 of 6
-    with pytest.raises(CheckpointError, match="'b' cover 5 of its 6 elements"):
+    path = save_sharded(tmp_path, sharded_state, ([0, 2, 3, 4], [0, 2, 4, 5]))   # b: 5 of 6
+    with pytest.raises(CheckpointError, match="pieces of 'b' cover 5 of its 6 elements"):
         load_checkpoint(path)
-    path = save_sharded(tmp_path, momentum, params, ([0, 2, 2, 4], [0, 3, 2, 6]))   # overlap
-    with pytest.raises(CheckpointError, match="momentum pieces of 'b' do not tile"):
+    path = save_sharded(tmp_path, sharded_state, ([0, 2, 2, 4], [0, 3, 2, 6]))   # overlap
+    with pytest.raises(CheckpointError, match="pieces of 'b' do not tile"):
         load_checkpoint(path)
 
 
 def test_a_shard_of_another_checkpoint_is_named(tmp_path, sharded_state):
-    params, momentum = sharded_state
     cuts = ([0, 1, 2, 4], [0, 2, 4, 6])
-    path = save_sharded(tmp_path, momentum, params, cuts)
+    path = save_sharded(tmp_path, sharded_state, cuts)
     (tmp_path / "other").mkdir()
-    save_sharded(tmp_path / "other", momentum, params, cuts, iteration=9)
+    save_sharded(tmp_path / "other", sharded_state, cuts, iteration=9)
     os.replace(tmp_path / "other" / "ckpt.9.2-of-3.npz", tmp_path / "ckpt.5.2-of-3.npz")
     with pytest.raises(CheckpointError, match="not shard 2 of 3 at iteration 5 .*iteration 9"):
         load_checkpoint(path)
 
 
 def test_a_bad_shard_layout_writes_nothing(tmp_path):
-    shard = {"rank": 0, "of": 1, "pieces": [{"name": "w", "layout": "diagonal", "start": 0,
-                                             "stop": 1, "data": np.zeros(1, np.float32)}]}
-    with pytest.raises(TypeError, match="shard layout must be one of"):
+    shard = {"rank": 0, "of": 1, "pieces": [{"name": "w", "kind": "params", "layout": "diagonal",
+                                             "start": 0, "stop": 1, "shape": (1,),
+                                             "data": np.zeros(1, np.float32)}]}
+    with pytest.raises(TypeError, match="layout one of"):
         save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(1, np.float32)}, shard=shard)
     assert list(tmp_path.iterdir()) == []
 

@@ -498,12 +498,13 @@ class Multistep(Strategy):
             fc.restore()
         self.fc = {}
 
-    def momentum_shard(self) -> list[dict]:
-        """This rank's momentum by parameter, as a sharded checkpoint stores it.
+    def shard_pieces(self) -> list[dict]:
+        """What this rank owns, weights and momentum by parameter, for a sharded checkpoint.
 
-        No communication and no copy (the pieces are views of the slices):
-        each rank writes its own, instead of gathering them all on one
-        (`optimizer_state_dict`). See `cnn.checkpoint` for the layouts.
+        No communication and no copy (the pieces are views): each rank writes
+        the slices it updates, instead of one rank writing everything after
+        gathering the momentum (`optimizer_state_dict`). Call after
+        `synchronize`, when the weights are whole. Layouts: `cnn.checkpoint`.
         """
         pieces = []
         for piece in self.all_pieces():
@@ -511,17 +512,23 @@ class Multistep(Strategy):
             momentum = self.momentum[piece.key]
             fc = self.transposed.get(piece.key)
             if fc is not None:      # rows of W^T: the columns of the input neurons owned
-                n_out = fc.layer.out_features
-                if b > a:
-                    pieces.append({"name": piece.key, "layout": "columns", "start": a // n_out,
-                                   "stop": b // n_out, "data": momentum})
+                if fc.c1 > fc.c0:
+                    weight = fc.layer.weight
+                    for kind, data in (("params", fc.weight_t[fc.c0:fc.c1]),
+                                       ("momentum", momentum)):
+                        pieces.append({"name": weight.name, "kind": kind, "layout": "columns",
+                                       "start": fc.c0, "stop": fc.c1,
+                                       "shape": weight.data.shape, "data": data})
                 continue
             offset = 0
             for p in piece.params:      # a unit's slice may span several of its tensors
                 lo, hi = max(a, offset), min(b, offset + p.data.size)
                 if hi > lo:
-                    pieces.append({"name": p.name, "layout": "flat", "start": lo - offset,
-                                   "stop": hi - offset, "data": momentum[lo - a:hi - a]})
+                    for kind, data in (("params", piece.data[lo:hi]),
+                                       ("momentum", momentum[lo - a:hi - a])):
+                        pieces.append({"name": p.name, "kind": kind, "layout": "flat",
+                                       "start": lo - offset, "stop": hi - offset,
+                                       "shape": p.data.shape, "data": data})
                 offset += p.data.size
         return pieces
 
@@ -529,7 +536,7 @@ class Multistep(Strategy):
         """Full momentum buffers, gathered from the slices (every rank must call it).
 
         With ``momentum=False``, the rest of the state only (no communication),
-        for a sharded checkpoint that stores `momentum_shard` instead.
+        for a sharded checkpoint that stores `shard_pieces` instead.
         """
         if not momentum:
             state = self.optimizer.state_dict()
