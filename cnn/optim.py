@@ -192,8 +192,14 @@ class SGD:
         for p in self.params:
             p.grad.fill(0)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, momentum_buffers: bool = True) -> dict:
         """Hyperparameters and momentum, as plain numbers and array copies.
+
+        Parameters
+        ----------
+        momentum_buffers : bool
+            False: leave the momentum out (no copy), for a caller that stores
+            it another way (a sharded checkpoint).
 
         Returns
         -------
@@ -202,14 +208,17 @@ class SGD:
             "slices": {name: [start, stop]}, "momentum_buffers": {name:
             ndarray of shape (stop - start,), float32}}``.
         """
-        return {
+        state = {
             "lr": self.lr,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
             "nesterov": self.nesterov,
             "slices": {name: [start, stop] for name, (start, stop) in self.slices.items()},
-            "momentum_buffers": {name: v.copy() for name, v in self.momentum_buffers.items()},
         }
+        if momentum_buffers:
+            state["momentum_buffers"] = {name: v.copy()
+                                         for name, v in self.momentum_buffers.items()}
+        return state
 
     def load_state_dict(self, state: Mapping):
         """Restore `state_dict` output; momentum is copied into the existing buffers.

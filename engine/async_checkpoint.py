@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -105,9 +105,13 @@ class AsyncCheckpointWriter:
         self.snapshot_s = 0.0
         self.write_s = 0.0
 
-    def submit(self, path: str | os.PathLike, params: Mapping[str, np.ndarray],
-               **kwargs) -> None:
+    def submit(self, path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
+               before: Callable[[], None] | None = None, **kwargs) -> None:
         """Snapshot now, write in the background; arguments as `save_checkpoint`.
+
+        `before`, if given, runs on the background thread first (housekeeping
+        such as deleting older files, kept off the training thread); its
+        error is reported like the write's.
 
         Raises
         ------
@@ -120,15 +124,18 @@ class AsyncCheckpointWriter:
         params, kwargs = snapshot(dict(params), last_params), snapshot(kwargs, last_kwargs)
         self._last = (params, kwargs)
         self.snapshot_s += time.perf_counter() - start
-        self._thread = threading.Thread(target=self._write, args=(path, params, kwargs),
+        self._thread = threading.Thread(target=self._write,
+                                        args=(path, params, kwargs, before),
                                         name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, path, params, kwargs) -> None:
+    def _write(self, path, params, kwargs, before) -> None:
         if self.background_priority:
             self.priority = lower_thread_priority()
         start = time.perf_counter()
         try:
+            if before is not None:
+                before()
             save_checkpoint(path, params, **kwargs)
             self.written += 1
         except BaseException as e:     # handed to the training thread by wait()

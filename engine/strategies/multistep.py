@@ -503,8 +503,10 @@ class Multistep(Strategy):
 
         No communication and no copy (the pieces are views): each rank writes
         the slices it updates, instead of one rank writing everything after
-        gathering the momentum (`optimizer_state_dict`). Call after
-        `synchronize`, when the weights are whole. Layouts: `cnn.checkpoint`.
+        gathering the momentum (`optimizer_state_dict`). Valid as soon as a
+        step returns: the weight allgathers still in flight only read these
+        slices (in place, the rank's own block is the send buffer), so a
+        checkpoint need not wait for them. Layouts: `cnn.checkpoint`.
         """
         pieces = []
         for piece in self.all_pieces():
@@ -539,12 +541,9 @@ class Multistep(Strategy):
         for a sharded checkpoint that stores `shard_pieces` instead.
         """
         if not momentum:
-            state = self.optimizer.state_dict()
-            del state["momentum_buffers"]
-            state["lr"] = self.optimizer.lr
-            return state
+            return self.optimizer.state_dict(momentum_buffers=False)
         self.synchronize()
-        state = self.optimizer.state_dict()
+        state = self.optimizer.state_dict(momentum_buffers=False)    # its buffers are stale
         handles, gathered = [], {}
         for piece in self.all_pieces():
             fc = self.transposed.get(piece.key)
