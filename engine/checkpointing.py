@@ -157,11 +157,15 @@ class Checkpointer:
                 if self.writes else ""
             self._confirm(iteration, failure)
 
-    def close(self) -> None:
-        """Confirm (and commit) the last background write; every rank, at the end of a run."""
+    def flush(self) -> None:
+        """Wait for the background write in flight, confirm and commit it (every rank)."""
         if self.background:
             self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "")
             self.pending = None
+
+    def close(self) -> None:
+        """`flush`, at the end of a run; every rank."""
+        self.flush()
         self.comm.Barrier()     # nobody reads the checkpoint before its commit
 
     def _attempt(self, write, *args, **kwargs) -> str:
