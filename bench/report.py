@@ -386,7 +386,9 @@ def faults_section(reports):
 
 def sections(headline: bool) -> str:
     """All tables as markdown: every row for summary.md, the headline rows for the README."""
-    parts = [f"Machine: {machine()}. Regenerate with `make bench` (`make bench-full` adds the "
+    parts = [f"Tables written on {machine()}; the 2-core VM's CPU model changes between "
+             "sessions, and each table is from the run its JSON records (the headlines above "
+             "say where and when). Regenerate with `make bench` (`make bench-full` adds the "
              "10 Gbit/s link); raw JSON in `bench/results/`.", ""]
     parts += throughput_section(load("throughput_*.json"))
     parts += overlap_section(load("overlap_*.json"), headline)

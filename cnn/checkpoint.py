@@ -44,7 +44,7 @@ import os
 import secrets
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,20 +233,15 @@ def publish_checkpoint(source: str | os.PathLike, target: str | os.PathLike):
     a crash before the rename leaves `target` naming the previous one.
     Copies where the file system has no hard links.
     """
-    source, target = Path(source), Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    def link(tmp: Path):
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
+
+    _replace_atomically(Path(target), link)
 
 
 def _load(path: Path) -> tuple[dict, Checkpoint]:
@@ -452,17 +447,25 @@ def _write_arrays(f, arrays: Mapping[str, np.ndarray]):
 
 
 def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    def write(tmp: Path):
         with open(tmp, "xb") as f:
             _write_arrays(f, arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(target: Path, make: Callable[[Path], None]):
+    """`make` a temporary file beside `target`, rename it over `target`, fsync the directory."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        make(tmp)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    _fsync_directory(target.parent)
 
 
 def _fsync_directory(path: Path):

@@ -12,8 +12,11 @@
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +73,15 @@ def images28():
     rng = np.random.default_rng(11)
     return (rng.standard_normal((96, 1, 28, 28)).astype(np.float32),
             rng.integers(0, 10, 96).astype(np.int64))
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every rank sees (created by rank 0, removed after the test)."""
+    comm = MPI.COMM_WORLD
+    path = tempfile.mkdtemp(prefix="mpi-test-") if comm.rank == 0 else None
+    path = Path(comm.bcast(path))
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)

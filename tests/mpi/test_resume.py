@@ -3,9 +3,6 @@ at resume, and resuming on fewer ranks (same global batch, same data order,
 the weights of an uninterrupted run)."""
 
 import errno
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +15,6 @@ from engine import train
 COMM = MPI.COMM_WORLD
 P, RANK = COMM.size, COMM.rank
 BATCH = 12          # divisible by 1, 2, 3 and 4 ranks
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory every rank sees (created by rank 0)."""
-    path = tempfile.mkdtemp(prefix="resume-") if RANK == 0 else None
-    path = Path(COMM.bcast(path))
-    yield path
-    COMM.Barrier()
-    if RANK == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def args_for(directory, *extra):

@@ -7,8 +7,6 @@ tensors, an FC weight by rows or by columns of its transpose), written now
 or in the background; only the committed generation's files stay.
 """
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +23,6 @@ from engine.trainer import Trainer
 COMM = MPI.COMM_WORLD
 P, RANK = COMM.size, COMM.rank
 BATCH = 24
-
-
-@pytest.fixture
-def shared_dir():
-    path = tempfile.mkdtemp(prefix="sharded-") if RANK == 0 else None
-    path = Path(COMM.bcast(path))
-    yield path
-    COMM.Barrier()
-    if RANK == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def trained(images28, fc_mode, steps=2):
@@ -116,3 +104,14 @@ def test_a_strategy_with_whole_momentum_cannot_shard(images28):
         with pytest.raises(ValueError, match="sharded checkpoints need a strategy"):
             Checkpointer(trainer, COMM, Path("unused.npz"), fmt="sharded")
         assert not Checkpointer(trainer, COMM, Path("unused.npz"), fmt="auto").sharded
+
+
+def test_engine_train_refuses_sharded_for_whole_momentum(shared_dir, capsys):
+    from engine import train
+    code = train.main(["--iters", "2", "--batch-size", str(BATCH), "--no-progress",
+                       "--threads", "1", "--strategy", "priority", "--checkpoint-format",
+                       "sharded", "--checkpoint-dir", str(shared_dir)])
+    assert code == 2
+    if RANK == 0:
+        assert "--checkpoint-format: sharded checkpoints need a strategy whose momentum is " \
+               "sharded (multistep); priority keeps it whole" in capsys.readouterr().err
