@@ -185,22 +185,24 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         objects.
     """
     path = Path(path)
-    header, arrays = _load(path)
+    header, checkpoint = _load(path)
     shard = header.get("shard")
     if shard is None:
-        return arrays
+        return checkpoint
     if "files" not in shard:
         raise CheckpointError(f"{path}: shard {shard.get('rank')} of {shard.get('of')} of a "
                               "sharded checkpoint; load the checkpoint that lists it (rank 0's)")
-    pieces = list(arrays.optimizer.pop("shard_pieces"))
+    pieces = list(checkpoint.optimizer.pop("shard_pieces"))
     try:
         if len(shard["files"]) != int(shard["of"]) - 1:
             raise CheckpointError(f"{path}: lists {len(shard['files'])} shard files for "
                                   f"{shard['of']} ranks")
         for rank, name in enumerate(shard["files"], start=1):
+            if Path(name).name != name:     # only files beside this one are ever read
+                raise CheckpointError(f"{path}: shard file name {name!r} is not a plain name")
             other = path.parent / name
             try:
-                other_header, other_arrays = _load(other)
+                other_header, other_checkpoint = _load(other)
             except FileNotFoundError:
                 raise CheckpointError(f"{path}: its shard file {other} is missing") from None
             theirs = other_header.get("shard") or {}
@@ -210,20 +212,20 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     f"{other}: not shard {rank} of {shard['of']} at iteration "
                     f"{header['iteration']} (holds shard {theirs.get('rank')} of "
                     f"{theirs.get('of')} at iteration {other_header.get('iteration')})")
-            pieces += other_arrays.optimizer["shard_pieces"]
+            pieces += other_checkpoint.optimizer["shard_pieces"]
         whole = _assemble(pieces, path)
-        if set(whole["params"]) & set(arrays.params):
+        if set(whole["params"]) & set(checkpoint.params):
             raise CheckpointError(f"{path}: parameters both whole and in pieces: "
-                                  f"{sorted(set(whole['params']) & set(arrays.params))}")
-        arrays.params.update(whole["params"])
-        arrays.optimizer["momentum_buffers"] = {name: value.reshape(-1) for name, value
+                                  f"{sorted(set(whole['params']) & set(checkpoint.params))}")
+        checkpoint.params.update(whole["params"])
+        checkpoint.optimizer["momentum_buffers"] = {name: value.reshape(-1) for name, value
                                                 in whole["momentum"].items()}
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: corrupt sharded checkpoint ({type(e).__name__}: {e})"
                               ) from e
-    return arrays
+    return checkpoint
 
 
 def publish_checkpoint(source: str | os.PathLike, target: str | os.PathLike):

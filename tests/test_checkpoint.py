@@ -374,3 +374,11 @@ def test_publish_replaces_the_target_in_one_step(tmp_path, monkeypatch, links):
     assert load_checkpoint(target).iteration == 2
     assert target.samefile(source) == links
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name, target.name]
+
+
+def test_a_shard_list_reaching_outside_the_directory_is_refused(tmp_path):
+    shard = {"rank": 0, "of": 2, "pieces": [], "files": ["../elsewhere.npz"]}
+    save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(1, np.float32)}, optimizer={},
+                    shard=shard)
+    with pytest.raises(CheckpointError, match="'../elsewhere.npz' is not a plain name"):
+        load_checkpoint(tmp_path / "c.npz")
