@@ -259,14 +259,21 @@ def scenario_corrupt(cfg, work: Path, source: Path) -> dict:
             "resume_correct": None}
 
 
-def scenario_full_disk(cfg, work: Path, checkpoint_bytes: int) -> dict:
+def checkpoint_bytes(directory: Path) -> int:
+    """One checkpoint's size on disk: all ranks' files when sharded (engine/checkpointing.py)."""
+    shards = list(directory.glob("checkpoint.*-of-*.npz"))      # the committed generation
+    return sum(f.stat().st_size for f in shards) if shards \
+        else (directory / CHECKPOINT).stat().st_size
+
+
+def scenario_full_disk(cfg, work: Path, size_bytes: int) -> dict:
     """A tmpfs with room for one checkpoint and a half: the first write fits, the
     second (temporary file beside the previous checkpoint) runs out of space."""
     mount = work / "tmpfs"
     mount.mkdir()
     record = {"scenario": "full_disk", "ranks": cfg.ranks,
               "fault": "tmpfs with room for 1.5 checkpoints (the second write fails)"}
-    size = -(-3 * checkpoint_bytes // 2 // 4096) * 4096
+    size = -(-3 * size_bytes // 2 // 4096) * 4096
     if subprocess.call(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                        stderr=subprocess.DEVNULL) != 0:
         record.update(detected=None, skipped="mounting a tmpfs needs root")
@@ -414,7 +421,7 @@ def main(argv=None) -> int:
                 report["scenarios"].insert(len(report["scenarios"]) - wanted("corrupt"), record)
         if wanted("full_disk"):
             report["scenarios"].append(scenario_full_disk(
-                cfg, work, (work / "reference" / CHECKPOINT).stat().st_size))
+                cfg, work, checkpoint_bytes(work / "reference")))
         if wanted("supervise"):
             report["scenarios"].append(scenario_supervise(cfg, work, reference))
         if wanted("overhead"):
