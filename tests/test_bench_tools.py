@@ -106,17 +106,20 @@ def test_ensemble_factor_and_its_bound_come_from_the_measured_cpu():
     assert "| 0.80 | 1.20 |" in line
 
 
-def test_checkpoint_section_sorts_links_and_intervals():
+def test_checkpoint_section_sorts_links_formats_and_intervals():
+    runs = [("1gbit", None, None, "none"), ("1gbit", None, 4, "async"),
+            ("loopback", "sharded", 16, "sync"), ("loopback", "sharded", 4, "sync"),
+            ("loopback", None, None, "none"), ("loopback", "single", 4, "async")]
     rows = [{"model": "vgg16-cifar", "ranks": 2, "checkpoint_mb": 114.3, "link": link,
-             "every": every, "mode": mode, "step_ms": 100.0 + i, "overhead": 0.01 * i}
-            for i, (link, every, mode) in enumerate(
-                [("1gbit", None, "none"), ("1gbit", 4, "async"), ("loopback", 16, "sync"),
-                 ("loopback", 4, "sync"), ("loopback", None, "none")])]
+             "every": every, "mode": mode, "step_ms": 100.0 + i, "overhead": 0.01 * i,
+             **({"format": fmt} if fmt else {})}        # files before formats: single
+            for i, (link, fmt, every, mode) in enumerate(runs)]
     lines = report.checkpoint_section(rows)
     table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
-    assert [line.split(" | ")[:4] for line in table] == [
-        ["| loopback", "", "-", "none"], ["| loopback", "", "4", "sync"],
-        ["| loopback", "", "16", "sync"], ["| 1gbit", "", "-", "none"], ["| 1gbit", "", "4", "async"]]
+    assert [line.split(" | ")[:5] for line in table] == [
+        ["| loopback", "", "sharded", "4", "sync"], ["| loopback", "", "sharded", "16", "sync"],
+        ["| loopback", "", "single", "-", "none"], ["| loopback", "", "single", "4", "async"],
+        ["| 1gbit", "", "single", "-", "none"], ["| 1gbit", "", "single", "4", "async"]]
 
 
 def test_netfit_merges_one_algorithm_sweep_per_ranks_and_chunk():
