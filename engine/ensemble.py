@@ -28,8 +28,9 @@ and ``wall_s`` leave out the first ``--timing-warmup`` iterations.
 
 After every epoch each member's held-out accuracy and the ensemble's (class
 probabilities averaged over members) are printed; each member writes its own
-checkpoint (CHECKPOINT_DIR/member<k>/checkpoint.npz, the format of
-engine.train), and ``--resume`` continues all of them.
+checkpoint (CHECKPOINT_DIR/member<k>/checkpoint.npz, written as
+engine.train writes it: sharded over the member's ranks under multistep),
+and ``--resume`` continues all of them.
 
 A members file is a JSON list with one object per member::
 
@@ -51,7 +52,7 @@ from mpi4py import MPI
 
 import cnn
 from cnn import models
-from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint
 from cnn.data import (
     DatasetError,
     SyntheticDataset,
@@ -59,6 +60,7 @@ from cnn.data import (
 )
 from cnn.optim import SGD
 from cnn.runtime import configure
+from engine.checkpointing import Checkpointer, CheckpointWriteError
 from engine.pipeline import (
     CompressedImages,
     DistributedDelivery,
@@ -427,20 +429,20 @@ def train(args, comm, specs, members, pipeline, start, total, steps, xte, yte, l
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
 
+    # Each member's checkpoints as engine.train writes them (sharded under
+    # multistep), collective over the member's own ranks.
+    savers = [Checkpointer(m["trainer"], m["trainer"].comm, member_checkpoint(args, m["index"]),
+                           last=start if args.resume else None)
+              for m in members] if args.checkpoint_dir else []
+
     def checkpoint(iteration: int) -> None:
-        for m in members:
-            state = m["trainer"].optimizer_state_dict()     # collective over the member
-            if local_rank == 0:
-                spec = specs[m["index"]]
-                save_checkpoint(member_checkpoint(args, m["index"]),
-                                {p.name: p.data for p in m["model"].parameters()},
-                                buffers=dict(m["model"].buffers()), optimizer=state,
-                                epoch=iteration // steps, iteration=iteration,
-                                metadata={"model": args.model, "dataset": args.dataset,
-                                          "strategy": args.strategy, "member": m["index"],
-                                          "members": k, "seed": spec["seed"], "lr": spec["lr"],
-                                          "data_seed": args.data_seed,
-                                          "batch_size": args.batch_size})
+        for m, saver in zip(members, savers, strict=True):
+            spec = specs[m["index"]]
+            saver.save(iteration, epoch=iteration // steps,
+                       metadata={"model": args.model, "dataset": args.dataset,
+                                 "strategy": args.strategy, "member": m["index"],
+                                 "members": k, "seed": spec["seed"], "lr": spec["lr"],
+                                 "data_seed": args.data_seed, "batch_size": args.batch_size})
         comm.Barrier()     # nobody reads a checkpoint before it is complete
 
     metrics = {"iteration": start, "members": specs}
@@ -559,7 +561,8 @@ def main(argv=None) -> int:
         if comm.Get_rank() == 0:
             print(f"engine.ensemble: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, ReplicaDivergenceError) as e:   # raised alike on a member's ranks
+    except (NonFiniteError, ReplicaDivergenceError, CheckpointWriteError) as e:
+        # raised alike on a member's ranks
         print(f"engine.ensemble: rank {comm.Get_rank()} stopped: {e}", file=sys.stderr,
               flush=True)
         if comm.Get_size() > 1:
