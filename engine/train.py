@@ -87,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write checkpoints on a background thread while training continues "
                         "(engine/async_checkpoint.py)")
     p.add_argument("--checkpoint-format", choices=FORMATS, default="auto",
-                   help="sharded: each rank writes its own momentum slices, nothing gathered "
-                        "(multistep); single: one file from rank 0; auto: sharded where the "
-                        "strategy shards its momentum (engine/checkpointing.py)")
+                   help="sharded: each rank writes the weight and momentum slices it "
+                        "updates, nothing gathered (multistep); single: one file from rank 0; "
+                        "auto: sharded where the strategy shards them (engine/checkpointing.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue from CHECKPOINT_DIR/checkpoint.npz")
     p.add_argument("--trace", default=None, help="write a Chrome-trace JSON here")
