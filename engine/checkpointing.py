@@ -188,12 +188,16 @@ class Checkpointer:
                                         "the checkpoint barrier")
         if flags.any():
             failed = [r for r in range(self.size) if flags[r]]
+            # Every rank names the cause: whichever rank prints first may end the job.
+            cause = self.comm.bcast(failure, root=failed[0])
+            where = (f" (rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))})"
+                     if self.size > 1 else "")
             kept = (f"the previous checkpoint (iteration {self.saved}) is intact"
                     if self.saved is not None else "no earlier checkpoint exists")
             raise CheckpointWriteError(
                 f"could not write checkpoint {self.target} at iteration {iteration}: "
-                f"{failure or f'see rank {failed[0]}'}; {kept}. Free space or fix the "
-                f"directory's permissions, then rerun with --resume")
+                f"{cause}{where}; {kept}. Free space or fix the directory's permissions, "
+                f"then rerun with --resume")
         if iteration is None:
             return
         if self.sharded and self.rank == 0:

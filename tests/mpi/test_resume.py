@@ -59,7 +59,8 @@ def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous(
     message = str(info.value)
     assert "at iteration 8" in message
     assert "the previous checkpoint (iteration 4) is intact" in message
-    assert ("No space left on device" if RANK == full else f"see rank {full}") in message
+    assert "No space left on device" in message        # on every rank, with who failed
+    assert P == 1 or f"(rank {full})" in message
     COMM.Barrier()
     names = sorted(p.name for p in shared_dir.iterdir())
     assert train.CHECKPOINT_NAME in names
