@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnn import checkpoint
 from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -382,3 +384,44 @@ def test_a_shard_list_reaching_outside_the_directory_is_refused(tmp_path):
                     shard=shard)
     with pytest.raises(CheckpointError, match="'../elsewhere.npz' is not a plain name"):
         load_checkpoint(tmp_path / "c.npz")
+
+
+@settings(max_examples=40, deadline=None)
+@given(ranks=st.integers(1, 5), rows=st.integers(1, 7), cols=st.integers(1, 9),
+       data=st.data())
+def test_any_partition_of_weights_and_momentum_round_trips(tmp_path_factory, ranks, rows,
+                                                           cols, data):
+    """Random cut points (empty pieces included), a column-owned 2-d weight and a flat 1-d
+    tensor: the loaded tensors are bitwise the ones that were cut up."""
+    directory = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    tensors = {kind: {"w": rng.standard_normal((rows, cols), np.float32),
+                      "b": rng.standard_normal(rows * cols + 1, np.float32)}
+               for kind in ("params", "momentum")}
+
+    def cuts(n):
+        inner = sorted(data.draw(st.lists(st.integers(0, n), min_size=ranks - 1,
+                                          max_size=ranks - 1)))
+        return [0, *inner, n]
+
+    w_cuts, b_cuts = cuts(cols), cuts(rows * cols + 1)
+    names = [f"ckpt.3.{r}-of-{ranks}.npz" for r in range(ranks)]
+    for r in range(ranks):
+        pieces = []
+        for kind, t in tensors.items():
+            pieces += [{"name": "w", "kind": kind, "layout": "columns", "start": w_cuts[r],
+                        "stop": w_cuts[r + 1], "shape": (rows, cols),
+                        "data": np.ascontiguousarray(t["w"].T[w_cuts[r]:w_cuts[r + 1]])},
+                       {"name": "b", "kind": kind, "layout": "flat", "start": b_cuts[r],
+                        "stop": b_cuts[r + 1], "shape": t["b"].shape,
+                        "data": t["b"][b_cuts[r]:b_cuts[r + 1]]}]
+        shard = {"rank": r, "of": ranks, "pieces": pieces}
+        if r == 0:
+            shard["files"] = names[1:]
+        save_checkpoint(directory / names[r], {}, iteration=3, shard=shard,
+                        optimizer={"lr": 0.1} if r == 0 else None)
+    ckpt = load_checkpoint(directory / names[0])
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(ckpt.params[name], tensors["params"][name])
+        np.testing.assert_array_equal(ckpt.optimizer["momentum_buffers"][name],
+                                      tensors["momentum"][name].reshape(-1))
