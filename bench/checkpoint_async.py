@@ -84,8 +84,8 @@ def parse_args(argv=None):
         args.model, args.iters, args.every, args.rounds = "resnet20", 6, "2", 1
     if args.strategy not in STRATEGIES:
         p.error(f"--strategy: one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
-    try:
-        resolve_format(args.format, STRATEGIES[args.strategy])
+    try:        # "auto" becomes what it means for the strategy, as the rows record it
+        args.format = resolve_format(args.format, STRATEGIES[args.strategy])
     except ValueError as e:
         p.error(f"--format: {e}")
     try:
@@ -155,7 +155,7 @@ def main(argv=None):
             shutil.rmtree(directory, ignore_errors=True)
     base = statistics.median(results["none", 0])
     rows = [{"model": args.model, "strategy": args.strategy, "ranks": COMM.size,
-             "format": resolve_format(args.format, STRATEGIES[args.strategy]),
+             "format": args.format,
              "link": args.link, "batch_per_rank": args.batch_size_per_rank,
              "every": every or None, "mode": mode,
              "step_ms": round(statistics.median(results[mode, every]), 3),

@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cnn.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from cnn.checkpoint import CheckpointError, load_checkpoint, sharded_files  # noqa: E402
 
 CHECKPOINT = "checkpoint.npz"
 BATCH = 12
@@ -261,8 +261,8 @@ def scenario_corrupt(cfg, work: Path, source: Path) -> dict:
 
 def checkpoint_bytes(directory: Path) -> int:
     """One checkpoint's size on disk: all ranks' files when sharded (engine/checkpointing.py)."""
-    shards = list(directory.glob("checkpoint.*-of-*.npz"))      # the committed generation
-    return sum(f.stat().st_size for f in shards) if shards \
+    shards = sharded_files(directory / CHECKPOINT)      # the committed generation only
+    return sum(path.stat().st_size for _, path in shards) if shards \
         else (directory / CHECKPOINT).stat().st_size
 
 

@@ -9,7 +9,7 @@ Layout of the archive::
     params/<name>       one array per model parameter
     buffers/<name>      one array per buffer (BN running statistics)
     optimizer/<n>       the optimizer state's arrays (momentum), numbered
-    shard/<n>           a sharded checkpoint's momentum pieces (below), numbered
+    shard/<n>           a sharded checkpoint's pieces of weights and momentum (below)
 
 A *sharded* checkpoint (written when the training state is itself sharded
 across ranks, as by the multistep strategy) is one file per rank. Each holds
@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import zipfile
@@ -52,7 +53,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 __all__ = ["Checkpoint", "CheckpointError", "generator_from_state", "load_checkpoint",
-           "publish_checkpoint", "save_checkpoint"]
+           "publish_checkpoint", "save_checkpoint", "shard_name", "sharded_files"]
 
 FORMAT = "cnn-checkpoint"
 VERSION = 1
@@ -244,6 +245,19 @@ def publish_checkpoint(source: str | os.PathLike, target: str | os.PathLike):
                 os.fsync(f.fileno())
 
     _replace_atomically(Path(target), link)
+
+
+def shard_name(target: Path, iteration: int, rank: int, size: int) -> Path:
+    """The file rank `rank` of `size` writes for a sharded checkpoint at `iteration`."""
+    return target.with_name(f"{target.stem}.{iteration}.{rank}-of-{size}{target.suffix}")
+
+
+def sharded_files(target: Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of every sharded file beside `target`, of any rank count."""
+    pattern = re.compile(re.escape(target.stem) + r"\.(\d+)\.\d+-of-\d+"
+                         + re.escape(target.suffix))
+    return [(int(match.group(1)), Path(entry.path)) for entry in os.scandir(target.parent)
+            if (match := pattern.fullmatch(entry.name))]
 
 
 def _load(path: Path) -> tuple[dict, Checkpoint]:

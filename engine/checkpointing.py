@@ -33,17 +33,16 @@ intact. Rank 0 deletes sharded files older than the one committed.
 from __future__ import annotations
 
 import functools
-import os
-import re
 from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 
-from cnn.checkpoint import publish_checkpoint, save_checkpoint
+from cnn.checkpoint import publish_checkpoint, save_checkpoint, shard_name, sharded_files
 from engine.async_checkpoint import AsyncCheckpointWriter
 
-__all__ = ["FORMATS", "CheckpointWriteError", "Checkpointer", "resolve_format", "shard_name"]
+__all__ = ["FORMATS", "CheckpointWriteError", "Checkpointer", "resolve_format", "shard_name",
+           "sharded_files"]
 
 FORMATS = ("auto", "sharded", "single")
 
@@ -68,11 +67,6 @@ def resolve_format(fmt: str, strategy) -> str:
         raise ValueError(f"sharded checkpoints need a strategy whose momentum is sharded "
                          f"(multistep); {strategy.name} keeps it whole on every rank")
     return "sharded" if shards and fmt != "single" else "single"
-
-
-def shard_name(target: Path, iteration: int, rank: int, size: int) -> Path:
-    """The file rank `rank` of `size` writes for a sharded checkpoint at `iteration`."""
-    return target.with_name(f"{target.stem}.{iteration}.{rank}-of-{size}{target.suffix}")
 
 
 class Checkpointer:
@@ -121,31 +115,27 @@ class Checkpointer:
             previous checkpoint's).
         """
         trainer, model = self.trainer, self.trainer.model
-        if self.sharded:
-            # No synchronize: the weight allgathers still in flight only read
-            # the slices this rank writes (they stay hidden behind the next forward).
-            optimizer = trainer.strategy.optimizer_state_dict(momentum=False)
-        else:
-            optimizer = trainer.optimizer_state_dict()      # collective for multistep
-        path = shard_name(self.target, iteration, self.rank, self.size) if self.sharded \
-            else self.target
         kwargs = {"iteration": iteration, "epoch": epoch}
-        params = {}
-        if self.sharded:    # the weights and momentum slices this rank updates
+        if self.sharded:
+            # The weight and momentum slices this rank updates. No synchronize:
+            # the weight allgathers still in flight only read these slices
+            # (they stay hidden behind the next forward).
+            path, params = shard_name(self.target, iteration, self.rank, self.size), {}
+            optimizer = trainer.strategy.optimizer_state_dict(momentum=False)
             kwargs["shard"] = {"rank": self.rank, "of": self.size,
                                "pieces": trainer.strategy.shard_pieces()}
+            if self.rank == 0:
+                kwargs["shard"]["files"] = [shard_name(self.target, iteration, r, self.size).name
+                                            for r in range(1, self.size)]
+        else:
+            path = self.target
+            optimizer = trainer.optimizer_state_dict()      # collective for multistep
+            params = {p.name: p.data for p in model.parameters()} if self.rank == 0 else {}
         if self.rank == 0:
-            if not self.sharded:
-                params = {p.name: p.data for p in model.parameters()}
             kwargs.update(buffers=dict(model.buffers()), optimizer=optimizer,
                           metadata=dict(metadata or {}))
-            if self.sharded:
-                kwargs["shard"]["files"] = [shard_name(self.target, iteration, r,
-                                                       self.size).name
-                                            for r in range(1, self.size)]
         if self.background:
-            self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "",
-                          cleanup=False)
+            self._confirm(self.pending, self._wait_writer(), cleanup=False)
             self.pending = iteration
             if self.writer is not None:     # a copy, written meanwhile
                 cleanup = None
@@ -160,13 +150,17 @@ class Checkpointer:
     def flush(self) -> None:
         """Wait for the background write in flight, confirm and commit it (every rank)."""
         if self.background:
-            self._confirm(self.pending, self._attempt(self.writer.wait) if self.writer else "")
+            self._confirm(self.pending, self._wait_writer())
             self.pending = None
 
     def close(self) -> None:
         """`flush`, at the end of a run; every rank."""
         self.flush()
         self.comm.Barrier()     # nobody reads the checkpoint before its commit
+
+    def _wait_writer(self) -> str:
+        """Wait for this rank's background write, if it has one; what went wrong, or ""."""
+        return self._attempt(self.writer.wait) if self.writer is not None else ""
 
     def _attempt(self, write, *args, **kwargs) -> str:
         """Run a write; what went wrong, or ""."""
@@ -208,9 +202,6 @@ class Checkpointer:
 
     def _remove_older(self, iteration: int) -> None:
         """Sharded files of iterations before the one just committed (any rank count)."""
-        pattern = re.compile(re.escape(self.target.stem) + r"\.(\d+)\.\d+-of-\d+"
-                             + re.escape(self.target.suffix))
-        for entry in os.scandir(self.target.parent):
-            match = pattern.fullmatch(entry.name)
-            if match and int(match.group(1)) < iteration:
-                Path(entry.path).unlink(missing_ok=True)
+        for older, path in sharded_files(self.target):
+            if older < iteration:
+                path.unlink(missing_ok=True)
